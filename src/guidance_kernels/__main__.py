@@ -1,0 +1,3 @@
+from guidance_kernels.cli import main
+
+main()

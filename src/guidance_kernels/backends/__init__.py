@@ -1,0 +1,107 @@
+"""Backend registry: the one dispatch point for the heavy, activation-sized work.
+
+Every metric in this package (CKA, debiased CKA, Procrustes, CKA matrices) is computed from a
+few *bilinear products* of the activations, plus small ``n x n`` / ``p x q`` math that is
+shared by all backends (see :mod:`guidance_kernels.metrics`). A backend implements just the
+products, for a whole list of layers in as few launches as it can:
+
+``gram(xs) -> list[Tensor]``
+    ``xs[i]``: 2-D ``(n_i, p_i)`` float tensor (fp64/fp32/fp16/bf16, any strides).
+    Returns ``xs[i] @ xs[i].T``, shape ``(n_i, n_i)``, in the accumulation dtype
+    (fp64 for fp64 inputs, fp32 otherwise).
+``gram_backward(ms, xs) -> list[Tensor]``
+    ``ms[i]``: ``(n_i, n_i)`` accumulation-dtype matrix (symmetric in practice).
+    Returns ``ms[i] @ xs[i]``, shape ``(n_i, p_i)``, in ``xs[i].dtype``.
+``cross(xs, ys) -> (list[Tensor],) * 5``
+    Feature-space products of pairs ``xs[i]: (n_i, p_i)``, ``ys[i]: (n_i, q_i)``:
+    ``(xᵀx (p,p), yᵀy (q,q), xᵀy (p,q), x.sum(0) (p,), y.sum(0) (q,))``, accumulation dtype.
+``cross_backward(xs, ms, ys, ns, vs) -> list[Tensor]``
+    Returns ``xs[i] @ ms[i] + ys[i] @ ns[i] + vs[i]`` (``vs[i]`` broadcast over rows),
+    shape ``(n_i, p_i)``, in ``xs[i].dtype``. ``ms[i]: (p,p)``, ``ns[i]: (q,p)``, ``vs[i]: (p,)``.
+
+A backend module registers itself with :func:`register_backend` and must never sync with the
+host (no ``.item()``, no branching on tensor values). Availability is checked by ``available``,
+which returns ``None`` if usable for the given device or a string saying why not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Callable, Optional, Sequence
+
+import torch
+
+__all__ = ["Backend", "register_backend", "get_backend", "resolve_backend", "list_backends"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    name: str
+    gram: Callable
+    gram_backward: Callable
+    cross: Callable
+    cross_backward: Callable
+    available: Callable[[torch.device], Optional[str]] = lambda device: None
+    # Lower is preferred by backend="auto" on a device where the backend is available.
+    priority: dict = dataclasses.field(default_factory=dict)
+
+
+_REGISTRY: dict[str, Backend] = {}
+# Modules that register a backend on import; imported lazily so that a missing toolchain
+# (no Triton, no compiled extension) only matters when that backend is asked for.
+_LAZY = {
+    "reference": "guidance_kernels.backends.reference",
+    "triton": "guidance_kernels.backends.triton",
+    "cuda": "guidance_kernels.backends.cuda",
+}
+
+
+def register_backend(backend: Backend) -> Backend:
+    _REGISTRY[backend.name] = backend
+    return backend
+
+
+def list_backends() -> list[str]:
+    return list(_LAZY)
+
+
+def get_backend(name: str) -> Backend:
+    if name not in _REGISTRY:
+        if name not in _LAZY:
+            raise ValueError(f"unknown backend {name!r}; choose one of {['auto', *_LAZY]}")
+        try:
+            importlib.import_module(_LAZY[name])
+        except ImportError as e:  # a backend whose toolchain is missing
+            raise RuntimeError(f"backend {name!r} is not available: {e}") from e
+        if name not in _REGISTRY:
+            raise RuntimeError(f"backend {name!r} is not available (module did not register)")
+    return _REGISTRY[name]
+
+
+def _why_unavailable(name: str, device: torch.device) -> Optional[str]:
+    try:
+        return get_backend(name).available(device)
+    except RuntimeError as e:
+        return str(e)
+
+
+def resolve_backend(backend: str, tensors: Sequence[torch.Tensor]) -> str:
+    """Pick the backend name for ``tensors`` (all on one device). ``"auto"`` picks, per device
+    type, the available backend with the lowest priority number (reference everywhere else)."""
+    device = tensors[0].device if tensors else torch.device("cpu")
+    if backend != "auto":
+        why = _why_unavailable(backend, device)
+        if why is not None:
+            raise RuntimeError(f"backend {backend!r} cannot run on {device}: {why}")
+        return backend
+    if device.type == "cpu":
+        return "reference"
+    best, best_rank = "reference", None
+    for name in _LAZY:
+        if name == "reference" or _why_unavailable(name, device) is not None:
+            continue
+        rank = get_backend(name).priority.get(device.type)
+        if rank is not None and (best_rank is None or rank < best_rank):
+            best, best_rank = name, rank
+    return best

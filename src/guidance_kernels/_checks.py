@@ -1,0 +1,88 @@
+"""Input validation for the public API. Reads shapes, dtypes and devices only (no host sync).
+Every error names the pair (or list position) and the problem."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+
+def _as_list(seq, name: str) -> list:
+    if isinstance(seq, Tensor) or not isinstance(seq, Sequence):
+        raise TypeError(f"{name} must be a list or tuple of tensors, got {type(seq).__name__}")
+    return list(seq)
+
+
+def check_tensor(t, where: str, min_n: int = 2) -> None:
+    """One representation: a float tensor (n, features...) with n >= min_n and features >= 1."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{where}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.is_complex() or not t.is_floating_point():
+        raise TypeError(f"{where}: expected a floating-point tensor, got dtype {t.dtype}")
+    if t.dim() < 2:
+        raise ValueError(
+            f"{where}: expected shape (n, features...) with at least 2 dims, got {tuple(t.shape)}"
+        )
+    if t.shape[0] < min_n:
+        raise ValueError(f"{where}: needs at least {min_n} samples, got n = {t.shape[0]}")
+    if t[0].numel() == 0:
+        raise ValueError(f"{where}: has no features (shape {tuple(t.shape)})")
+
+
+def flatten(t: Tensor) -> Tensor:
+    """(n, ...) -> (n, prod(...)): a view for contiguous input, one copy otherwise."""
+    return t if t.dim() == 2 else t.reshape(t.shape[0], -1)
+
+
+def check_pairs(targets, guides, *, min_n: int = 2) -> tuple[list[Tensor], list[Tensor]]:
+    """Validate equal-length lists of paired representations; return them flattened to 2-D."""
+    xs, ys = _as_list(targets, "targets"), _as_list(guides, "guides")
+    if len(xs) != len(ys):
+        raise ValueError(f"targets and guides differ in length: {len(xs)} vs {len(ys)}")
+    if not xs:
+        raise ValueError("targets and guides are empty: need at least one layer pair")
+    device = None
+    for i, (x, y) in enumerate(zip(xs, ys)):
+        check_tensor(x, f"pair {i} (target)", min_n)
+        check_tensor(y, f"pair {i} (guide)", min_n)
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(
+                f"pair {i}: target and guide have different numbers of samples "
+                f"({x.shape[0]} vs {y.shape[0]}); dim 0 must be the sample dimension"
+            )
+        if x.device != y.device:
+            raise ValueError(f"pair {i}: target is on {x.device} but guide is on {y.device}")
+        if device is None:
+            device = x.device
+        elif x.device != device:
+            raise ValueError(f"pair {i}: on {x.device}, but pair 0 is on {device}; use one device")
+    return [flatten(x) for x in xs], [flatten(y) for y in ys]
+
+
+def check_list(xs, name: str, *, min_n: int = 2) -> list[Tensor]:
+    """Validate a list of representations that share n and device (for similarity matrices)."""
+    xs = _as_list(xs, name)
+    if not xs:
+        raise ValueError(f"{name} is empty")
+    for i, x in enumerate(xs):
+        check_tensor(x, f"{name}[{i}]", min_n)
+        if x.shape[0] != xs[0].shape[0]:
+            raise ValueError(f"{name}[{i}] has n = {x.shape[0]} but {name}[0] has n = {xs[0].shape[0]}")
+        if x.device != xs[0].device:
+            raise ValueError(f"{name}[{i}] is on {x.device} but {name}[0] is on {xs[0].device}")
+    return [flatten(x) for x in xs]
+
+
+def check_weights(weights, count: int, like: Tensor) -> Optional[Tensor]:
+    if weights is None:
+        return None
+    if isinstance(weights, Tensor):
+        if weights.dim() != 1 or weights.shape[0] != count:
+            raise ValueError(f"weights must have shape ({count},) for {count} pairs, got {tuple(weights.shape)}")
+        return weights.to(device=like.device, dtype=like.dtype)
+    weights = _as_list(weights, "weights")
+    if len(weights) != count:
+        raise ValueError(f"weights has {len(weights)} entries for {count} layer pairs")
+    return torch.tensor([float(w) for w in weights], dtype=like.dtype, device=like.device)

@@ -1,0 +1,189 @@
+"""Small math shared by every backend: from raw products to CKA / Procrustes scores.
+
+Everything here is ``O(n^2)`` (or ``O(p q)``) plain PyTorch on the outputs of the heavy ops in
+:mod:`guidance_kernels.ops`, batched over a leading layer dimension, differentiable (autograd
+turns ``d score / d Gram`` into the ``G`` of GUIDE §2; the op's backward does ``dX = 2 G X``).
+
+Numerics and degenerate input (documented behaviour):
+
+* Grams are first divided by their trace (``||X||_F^2``): every metric is scale invariant, and
+  this keeps squares in range for activations from 1e-18 to 1e6 in fp32 accumulation.
+  Activations so small that ``x*x`` underflows fp32 (|x| below about 1e-19) read as zero.
+* A representation is *degenerate* when its centered Gram is zero or below rounding:
+  ``||Kc||_F <= 64 * eps(acc dtype) * ||K||_F`` (constant / dead-ReLU / all-zero activations,
+  or a common offset so large that centering leaves only rounding noise). A degenerate pair has
+  CKA = 0 (guidance loss 1), debiased CKA = 0, Procrustes similarity 0 (squared distance 2),
+  and a zero gradient. Values and gradients are finite for every input.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_TOL_ULPS = 64.0
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    """Relative size below which a centered Gram counts as zero (see module doc)."""
+    return _TOL_ULPS * torch.finfo(dtype).eps
+
+
+def _trace(k: Tensor) -> Tensor:
+    return k.diagonal(dim1=-2, dim2=-1).sum(-1)
+
+
+def _safe(v: Tensor) -> Tensor:
+    """``v`` where positive, else 1 (a denominator that never divides by zero)."""
+    return torch.where(v > 0, v, torch.ones_like(v))
+
+
+def normalize_gram(k: Tensor) -> Tensor:
+    """(..., n, n) PSD Gram divided by its trace (all-zero Grams stay zero)."""
+    return k / _safe(_trace(k))[..., None, None]
+
+
+def center_gram(k: Tensor) -> Tensor:
+    """``H K H`` for (..., n, n) ``K``, from row/column means (no ``n x n`` H is formed)."""
+    return k - k.mean(-1, keepdim=True) - k.mean(-2, keepdim=True) + k.mean((-2, -1), keepdim=True)
+
+
+def _zero_diagonal(k: Tensor) -> Tensor:
+    return k - torch.diag_embed(k.diagonal(dim1=-2, dim2=-1))
+
+
+def u_center_gram(k: Tensor) -> Tensor:
+    """U-centering (Szekely & Rizzo) of (..., n, n) ``K``, n >= 4: ``<U(K), U(L)> / (n (n-3))``
+    is the unbiased HSIC estimator of Song et al. (2012)."""
+    n = k.shape[-1]
+    k = _zero_diagonal(k)
+    r = k.sum(-1, keepdim=True) / (n - 2)
+    c = k.sum(-2, keepdim=True) / (n - 2)
+    t = k.sum((-2, -1), keepdim=True) / ((n - 1) * (n - 2))
+    return _zero_diagonal(k - r - c + t)
+
+
+def _cosine(s: Tensor, a2: Tensor, b2: Tensor, ra2: Tensor, rb2: Tensor) -> Tensor:
+    """``s / sqrt(a2 b2)`` with the degenerate guard: 0 (and zero gradient) when ``a2`` or
+    ``b2`` is at or below ``tol^2`` times its reference ``ra2`` / ``rb2``."""
+    tol2 = tolerance(s.dtype) ** 2
+    deg = (a2 <= tol2 * ra2) | (b2 <= tol2 * rb2)
+    den = torch.sqrt(torch.where(deg, torch.ones_like(a2), a2 * b2))
+    return torch.where(deg, torch.zeros_like(s), s / den)
+
+
+def _frob2(k: Tensor) -> Tensor:
+    return (k * k).sum((-2, -1))
+
+
+def cka_from_grams(k: Tensor, l: Tensor, debiased: bool = False) -> Tensor:
+    """Linear CKA from raw Grams ``k = X Xᵀ``, ``l = Y Yᵀ`` of shape (..., n, n) -> (...,).
+
+    ``debiased=True`` uses U-centering (needs n >= 4) and lies in [-1, 1]; otherwise [0, 1]."""
+    k, l = normalize_gram(k), normalize_gram(l)
+    if debiased:
+        kc, lc = u_center_gram(k), u_center_gram(l)
+        rk, rl = _frob2(_zero_diagonal(k)), _frob2(_zero_diagonal(l))
+    else:
+        kc, lc = center_gram(k), center_gram(l)
+        rk, rl = _frob2(k), _frob2(l)
+    return _cosine((kc * lc).sum((-2, -1)), _frob2(kc), _frob2(lc), rk, rl)
+
+
+def cka_from_cross(a: Tensor, b: Tensor, c: Tensor, sx: Tensor, sy: Tensor, n: int) -> Tensor:
+    """Linear CKA from feature-space products: ``a = XᵀX`` (..., p, p), ``b = YᵀY`` (..., q, q),
+    ``c = XᵀY`` (..., p, q), column sums ``sx`` (..., p), ``sy`` (..., q), ``n`` samples.
+    Equals :func:`cka_from_grams` (``||Xcᵀ Yc||² = <Kc, Lc>``, ``||XcᵀXc|| = ||Kc||``)."""
+    tx, ty = _safe(_trace(a)), _safe(_trace(b))
+    rx, ry = torch.sqrt(tx), torch.sqrt(ty)
+    an, bn = a / tx[..., None, None], b / ty[..., None, None]
+    cn = c / (rx * ry)[..., None, None]
+    ux, uy = sx / rx[..., None], sy / ry[..., None]
+    ac = an - ux[..., :, None] * ux[..., None, :] / n
+    bc = bn - uy[..., :, None] * uy[..., None, :] / n
+    cc = cn - ux[..., :, None] * uy[..., None, :] / n
+    return _cosine(_frob2(cc), _frob2(ac), _frob2(bc), _frob2(an), _frob2(bn))
+
+
+class _NuclearNorm(torch.autograd.Function):
+    """``||Xcᵀ Yc||_* = tr((Lh Kc Lh)^{1/2})`` from centered Grams (``Lh = Lc^{1/2}``), by
+    eigendecomposition in fp64, with a stable backward:
+    ``dN/dKc = ½ Lh (Lh Kc Lh)^{+½} Lh`` (and symmetrically for ``Lc``), where ``^{+½}`` is the
+    inverse square root on eigenvalues above a cutoff and 0 below it. That is the polar factor
+    of ``Xcᵀ Yc`` pulled back to sample space: bounded at rank deficiency (centering always adds
+    a zero eigenvalue), with no ``1/(λ_i - λ_j)`` terms.
+
+    Accuracy: a Gram squares singular values, so eigenvalues below
+    ``cut = 10 n eps(Gram dtype) λ_max`` are rounding noise and are dropped (their square roots
+    would add ``O(sqrt(eps))`` noise). Singular values of ``Xcᵀ Yc`` below ``sqrt(cut)`` times
+    the largest (about 2e-3 for fp32 Grams at n = 256, 4e-7 for fp64) do not count."""
+
+    @staticmethod
+    def _eigh_cut(m, rel):
+        w, v = torch.linalg.eigh((m + m.mT) / 2)
+        keep = w > w.amax(-1, keepdim=True).clamp_min(0) * rel
+        return torch.where(keep, w, torch.zeros_like(w)), v, keep
+
+    @staticmethod
+    def _root_and_grad(kc, lc, rel, need_grad):
+        w, v, _ = _NuclearNorm._eigh_cut(lc, rel)
+        lh = (v * w.sqrt()[..., None, :]) @ v.mT
+        w, v, keep = _NuclearNorm._eigh_cut(lh @ kc @ lh, rel)
+        nuc = w.sqrt().sum(-1)
+        if not need_grad:
+            return nuc, None
+        inv = torch.where(keep, torch.rsqrt(torch.where(keep, w, torch.ones_like(w))), torch.zeros_like(w))
+        return nuc, 0.5 * (lh @ (v * inv[..., None, :]) @ v.mT @ lh)
+
+    @staticmethod
+    def forward(ctx, kc, lc):
+        ctx.rel = 10 * kc.shape[-1] * torch.finfo(kc.dtype).eps
+        k64, l64 = kc.double(), lc.double()
+        ctx.save_for_backward(k64, l64)
+        return _NuclearNorm._root_and_grad(k64, l64, ctx.rel, False)[0].to(kc.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        k64, l64 = ctx.saved_tensors
+        dk = dl = None
+        g64 = g.double()[..., None, None]
+        if ctx.needs_input_grad[0]:
+            dk = (g64 * _NuclearNorm._root_and_grad(k64, l64, ctx.rel, True)[1]).to(g.dtype)
+        if ctx.needs_input_grad[1]:
+            dl = (g64 * _NuclearNorm._root_and_grad(l64, k64, ctx.rel, True)[1]).to(g.dtype)
+        return dk, dl
+
+
+def procrustes_from_grams(k: Tensor, l: Tensor, angular: bool = False) -> Tensor:
+    """Orthogonal Procrustes distance between centered, Frobenius-normalized representations
+    from raw Grams (..., n, n) -> (...,): the squared distance ``2 - 2 ||Xnᵀ Yn||_*`` in [0, 2],
+    or with ``angular=True`` the angle ``arccos ||Xnᵀ Yn||_*`` in [0, π/2].
+
+    The angle's derivative ``-1/sqrt(1 - c²)`` is unbounded at ``c = 1``: ``c`` is clamped to
+    ``1 - 1e-6`` (fp32) / ``1 - 1e-12`` (fp64), so identical inputs give a zero gradient and
+    near-identical ones a large but finite one."""
+    kc, lc = center_gram(normalize_gram(k)), center_gram(normalize_gram(l))
+    nx2, ny2 = _trace(kc), _trace(lc)
+    tol = tolerance(kc.dtype)
+    deg = (nx2 <= tol) | (ny2 <= tol)
+    nuc = _NuclearNorm.apply(kc, lc)
+    den = torch.sqrt(torch.where(deg, torch.ones_like(nx2), nx2 * ny2))
+    sim = torch.where(deg, torch.zeros_like(nuc), nuc / den)
+    if angular:
+        top = 1 - (1e-12 if sim.dtype == torch.float64 else 1e-6)
+        return torch.arccos(sim.clamp(0.0, top))
+    return 2 - 2 * sim.clamp(max=1.0)
+
+
+def unit_centered_grams(k: Tensor, debiased: bool = False) -> Tensor:
+    """(L, n, n) raw Grams -> centered (or U-centered) Grams of unit Frobenius norm, so that
+    ``<u_i, u_j>`` is CKA; degenerate ones (see module doc) become all-zero."""
+    k = normalize_gram(k)
+    if debiased:
+        kc, ref = u_center_gram(k), _frob2(_zero_diagonal(k))
+    else:
+        kc, ref = center_gram(k), _frob2(k)
+    a2 = _frob2(kc)
+    deg = a2 <= tolerance(kc.dtype) ** 2 * ref
+    scale = torch.where(deg, torch.zeros_like(a2), torch.rsqrt(torch.where(deg, torch.ones_like(a2), a2)))
+    return kc * scale[:, None, None]

@@ -1,0 +1,44 @@
+"""``nn.Module`` wrapper of :func:`guidance_kernels.guidance_loss`."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from guidance_kernels.functional import guidance_loss
+
+
+class GuidanceLoss(nn.Module):
+    """``GuidanceLoss(metric="cka", weights=None, reduction="sum", backend="auto")``;
+    ``forward(targets, guides)`` -> 0-dim loss (see :func:`guidance_kernels.guidance_loss`)."""
+
+    def __init__(
+        self,
+        metric: str = "cka",
+        weights: Optional[Sequence[float]] = None,
+        reduction: str = "sum",
+        backend: str = "auto",
+        form: str = "auto",
+    ):
+        super().__init__()
+        self.metric, self.reduction, self.backend, self.form = metric, reduction, backend, form
+        if weights is not None:
+            self.register_buffer("weights", torch.as_tensor(weights, dtype=torch.float32), persistent=False)
+        else:
+            self.weights = None
+
+    def forward(self, targets: Sequence[Tensor], guides: Sequence[Tensor]) -> Tensor:
+        return guidance_loss(
+            targets,
+            guides,
+            metric=self.metric,
+            weights=self.weights,
+            reduction=self.reduction,
+            backend=self.backend,
+            form=self.form,
+        )
+
+    def extra_repr(self) -> str:
+        return f"metric={self.metric!r}, reduction={self.reduction!r}, backend={self.backend!r}"

@@ -1,0 +1,159 @@
+"""Grouped split-K ``out = Aᵀ B`` for many problems in one launch (the forward products).
+
+One launch covers every layer (and every pair) of a call. The host builds, from shapes only,
+
+* a *problem* table (int64, ``_PF`` fields a row): sizes ``K, M, N``, the element strides of
+  ``A (K x M)``, ``B (K x N)`` and of the ``(M, N)`` output, a symmetric flag and a column-sum
+  flag;
+* a *tile* table (int64, ``_TF`` fields a row): ``(problem, ti, tj, ws_off)``: one ``BM x BN``
+  output tile; symmetric problems (``A is B``) get only the tiles with ``ti <= tj``;
+  ``ws_off < 0`` marks a tile whose K range is not split (the kernel stores it straight into the
+  output), otherwise its fp32 partial sums are atomically added into a zeroed workspace at
+  ``ws_off`` and :func:`finalize_kernel` writes it out;
+* an *item* table (int64, ``_IF`` fields a row): ``(tile, k0, k1)``: one program each.
+
+Per call only the data pointers change: they are passed as element offsets from one base
+tensor per operand (``a_base + a_off``), in a small int64 ``(P, 4)`` table
+``(a_off, b_off, out_off, cs_off)``.
+
+The gram ``x xᵀ`` is ``Aᵀ B`` with ``A = B = xᵀ`` (strides swapped, no copy).
+The feature-space products are ``Aᵀ B`` with ``A, B ∈ {x, y}``; the column sums of ``A`` come
+for free from the diagonal tiles of ``xᵀx`` / ``yᵀy`` (``cs_off >= 0``).
+
+Symmetric problems: an off-diagonal tile is also written transposed into the lower triangle;
+a diagonal tile is written as ``(T + Tᵀ)/2`` so that every output is exactly symmetric.
+"""
+
+import triton
+import triton.language as tl
+
+# problem table fields
+P_K, P_M, P_N, P_SAK, P_SAM, P_SBK, P_SBN, P_SOM, P_SON, P_SYM, P_CS = range(11)
+_PF = 11
+# per-call pointer table fields
+Q_A, Q_B, Q_OUT, Q_CS = range(4)
+_QF = 4
+# tile table fields
+T_PROB, T_I, T_J, T_WS = range(4)
+_TF = 4
+# item table fields
+I_TILE, I_K0, I_K1 = range(3)
+_IF = 3
+
+
+@triton.jit
+def _store_tile(acc, cs, out_ptr, cs_ptr, rm, rn, M, N, so_m, so_n, sym, diag, has_cs,
+                BM: tl.constexpr, BN: tl.constexpr):
+    """Write one finished fp32 tile (and the column sums of a diagonal tile)."""
+    if sym != 0:
+        if diag:
+            acc = 0.5 * (acc + tl.trans(acc))
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    tl.store(out_ptr + rm[:, None] * so_m + rn[None, :] * so_n, acc, mask=mask)
+    if sym != 0:
+        if not diag:
+            # mirror: out[rn, rm] = acc[rm, rn]
+            tl.store(out_ptr + rn[None, :] * so_m + rm[:, None] * so_n, acc, mask=mask)
+    if has_cs != 0:
+        if diag:
+            tl.store(cs_ptr + rm, cs, mask=rm < M)
+
+
+@triton.jit
+def atb_kernel(
+    a_base, b_base, out_base, cs_base, ws_ptr,
+    prob_ptr, ptr_ptr, tile_ptr, item_ptr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    tile = tl.load(item_ptr + pid * 3 + 0)
+    k0 = tl.load(item_ptr + pid * 3 + 1)
+    k1 = tl.load(item_ptr + pid * 3 + 2)
+    prob = tl.load(tile_ptr + tile * 4 + 0)
+    ti = tl.load(tile_ptr + tile * 4 + 1)
+    tj = tl.load(tile_ptr + tile * 4 + 2)
+    ws_off = tl.load(tile_ptr + tile * 4 + 3)
+    pp = prob_ptr + prob * 11
+    M = tl.load(pp + 1)
+    N = tl.load(pp + 2)
+    sa_k = tl.load(pp + 3)
+    sa_m = tl.load(pp + 4)
+    sb_k = tl.load(pp + 5)
+    sb_n = tl.load(pp + 6)
+    sym = tl.load(pp + 9)
+    has_cs = tl.load(pp + 10)
+    qp = ptr_ptr + prob * 4
+    a_off = tl.load(qp + 0)
+    b_off = tl.load(qp + 1)
+
+    rm = ti * BM + tl.arange(0, BM)
+    rn = tj * BN + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    m_ok = rm < M
+    n_ok = rn < N
+    diag = ti == tj
+    do_cs = (has_cs != 0) & diag
+
+    a_ptrs = a_base + a_off + rm[:, None] * sa_m + (k0 + rk)[None, :] * sa_k
+    b_ptrs = b_base + b_off + (k0 + rk)[:, None] * sb_k + rn[None, :] * sb_n
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    cs = tl.zeros((BM,), dtype=tl.float32)
+    for k in range(k0, k1, BK):
+        k_ok = (k + rk) < k1
+        a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PREC)
+        if do_cs:
+            cs += tl.sum(a.to(tl.float32), axis=1)
+        a_ptrs += BK * sa_k
+        b_ptrs += BK * sb_k
+
+    if ws_off < 0:
+        so_m = tl.load(pp + 7)
+        so_n = tl.load(pp + 8)
+        out_off = tl.load(qp + 2)
+        cs_off = tl.load(qp + 3)
+        _store_tile(acc, cs, out_base + out_off, cs_base + cs_off, rm, rn, M, N, so_m, so_n,
+                    sym, diag, has_cs, BM, BN)
+    else:
+        r = tl.arange(0, BM)
+        c = tl.arange(0, BN)
+        tl.atomic_add(ws_ptr + ws_off + r[:, None] * BN + c[None, :], acc, sem="relaxed")
+        if do_cs:
+            tl.atomic_add(ws_ptr + ws_off + BM * BN + r, cs, sem="relaxed")
+
+
+@triton.jit
+def finalize_kernel(
+    out_base, cs_base, ws_ptr, prob_ptr, ptr_ptr, tile_ptr, fin_ptr,
+    BM: tl.constexpr, BN: tl.constexpr,
+):
+    """One program per split tile (``fin_ptr`` lists them): workspace -> output (+ mirror)."""
+    tile = tl.load(fin_ptr + tl.program_id(0).to(tl.int64))
+    prob = tl.load(tile_ptr + tile * 4 + 0)
+    ti = tl.load(tile_ptr + tile * 4 + 1)
+    tj = tl.load(tile_ptr + tile * 4 + 2)
+    ws_off = tl.load(tile_ptr + tile * 4 + 3)
+    pp = prob_ptr + prob * 11
+    M = tl.load(pp + 1)
+    N = tl.load(pp + 2)
+    so_m = tl.load(pp + 7)
+    so_n = tl.load(pp + 8)
+    sym = tl.load(pp + 9)
+    has_cs = tl.load(pp + 10)
+    qp = ptr_ptr + prob * 4
+    out_off = tl.load(qp + 2)
+    cs_off = tl.load(qp + 3)
+    r = tl.arange(0, BM)
+    c = tl.arange(0, BN)
+    acc = tl.load(ws_ptr + ws_off + r[:, None] * BN + c[None, :])
+    diag = ti == tj
+    cs = tl.zeros((BM,), dtype=tl.float32)
+    if (has_cs != 0) & diag:
+        cs = tl.load(ws_ptr + ws_off + BM * BN + r)
+    _store_tile(acc, cs, out_base + out_off, cs_base + cs_off, ti * BM + r, tj * BN + c, M, N,
+                so_m, so_n, sym, diag, has_cs, BM, BN)

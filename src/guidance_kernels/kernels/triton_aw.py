@@ -1,0 +1,140 @@
+"""Grouped ``out = A W + A2 W2 + v`` for many problems in one launch (the backward products).
+
+``A (R x K)`` and ``A2 (R x K2)`` are activations (read in their own dtype, any strides),
+``W (K x C)`` and ``W2 (K2 x C)`` small fp32 matrices, ``v (C,)`` an fp32 row added to every
+row, ``out (R x C)`` an activation-sized output written once, in the activation dtype.
+
+* ``gram_backward``: ``m x`` is computed transposed, ``(m x)ᵀ = xᵀ mᵀ``: ``A = xᵀ``,
+  ``W = mᵀ``, ``out = dxᵀ`` (all by strides, nothing is copied).
+* ``cross_backward``: ``x m + y n + v``: ``A = x``, ``W = m``, ``A2 = y``, ``W2 = n``.
+
+The host builds a problem table (int64, ``_PF`` fields a row), a per-call pointer table
+(element offsets from one base tensor per operand) and a tile table ``(problem, tr, tc)``;
+one program per ``BM x BN`` output tile; every program runs the full K loop (no split: the
+output is activation-sized, so there are always enough tiles).
+
+Precision: the fp32 ``W`` is rounded to the activation dtype for the tensor-core ``dot``
+(bf16: same relative error as the bf16 output itself). fp16 has a narrow exponent range and
+CKA gradients are tiny (``~1/(n² p)``), so with ``SCALE`` each program first finds the largest
+``|W|`` of each of its output columns, divides ``W`` by it before rounding and multiplies the
+fp32 accumulator back.
+"""
+
+import triton
+import triton.language as tl
+
+P_R, P_C, P_K, P_K2, P_SAR, P_SAK, P_SWK, P_SWC, P_SA2R, P_SA2K, P_SW2K, P_SW2C, P_SOR, P_SOC = range(14)
+_PF = 14
+Q_A, Q_W, Q_A2, Q_W2, Q_V, Q_OUT = range(6)
+_QF = 6
+_TF = 3
+
+
+@triton.jit
+def _cast(x, dt: tl.constexpr, RNE_FIX: tl.constexpr):
+    """fp32 -> ``dt``. The interpreter truncates fp32 -> bf16 (the GPU rounds to nearest
+    even); with ``RNE_FIX`` the value is rounded to nearest even first, so the cast is exact."""
+    if RNE_FIX:
+        if dt == tl.bfloat16:
+            b = x.to(tl.uint32, bitcast=True)
+            b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+            x = b.to(tl.float32, bitcast=True)
+    return x.to(dt)
+
+
+@triton.jit
+def aw_kernel(
+    a_base, w_base, a2_base, w2_base, v_base, out_base,
+    prob_ptr, ptr_ptr, tile_ptr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    HAS_A2: tl.constexpr, HAS_V: tl.constexpr, SCALE: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr, RNE_FIX: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    prob = tl.load(tile_ptr + pid * 3 + 0)
+    tr = tl.load(tile_ptr + pid * 3 + 1)
+    tc = tl.load(tile_ptr + pid * 3 + 2)
+    pp = prob_ptr + prob * 14
+    R = tl.load(pp + 0)
+    C = tl.load(pp + 1)
+    K = tl.load(pp + 2)
+    sa_r = tl.load(pp + 4)
+    sa_k = tl.load(pp + 5)
+    sw_k = tl.load(pp + 6)
+    sw_c = tl.load(pp + 7)
+    so_r = tl.load(pp + 12)
+    so_c = tl.load(pp + 13)
+    qp = ptr_ptr + prob * 6
+    a_ptr = a_base + tl.load(qp + 0)
+    w_ptr = w_base + tl.load(qp + 1)
+
+    rr = tr * BM + tl.arange(0, BM)
+    rc = tc * BN + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    r_ok = rr < R
+    c_ok = rc < C
+    dt = a_base.dtype.element_ty
+
+    if HAS_A2:
+        K2 = tl.load(pp + 3)
+        sa2_r = tl.load(pp + 8)
+        sa2_k = tl.load(pp + 9)
+        sw2_k = tl.load(pp + 10)
+        sw2_c = tl.load(pp + 11)
+        a2_ptr = a2_base + tl.load(qp + 2)
+        w2_ptr = w2_base + tl.load(qp + 3)
+
+    # per-column scale of W (and W2), fp16 only
+    scale = tl.full((BN,), 1.0, dtype=tl.float32)
+    if SCALE:
+        wmax = tl.zeros((BN,), dtype=tl.float32)
+        for k in range(0, K, BK):
+            k_ok = (k + rk) < K
+            w = tl.load(w_ptr + (k + rk)[:, None] * sw_k + rc[None, :] * sw_c,
+                        mask=k_ok[:, None] & c_ok[None, :], other=0.0)
+            wmax = tl.maximum(wmax, tl.max(tl.abs(w), axis=0))
+        if HAS_A2:
+            for k in range(0, K2, BK):
+                k_ok = (k + rk) < K2
+                w = tl.load(w2_ptr + (k + rk)[:, None] * sw2_k + rc[None, :] * sw2_c,
+                            mask=k_ok[:, None] & c_ok[None, :], other=0.0)
+                wmax = tl.maximum(wmax, tl.max(tl.abs(w), axis=0))
+        scale = tl.where(wmax > 0, wmax, 1.0)
+    inv = 1.0 / scale
+
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k in range(0, K, BK):
+        k_ok = (k + rk) < K
+        a = tl.load(a_ptr + rr[:, None] * sa_r + (k + rk)[None, :] * sa_k,
+                    mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + (k + rk)[:, None] * sw_k + rc[None, :] * sw_c,
+                    mask=k_ok[:, None] & c_ok[None, :], other=0.0)
+        if SCALE:
+            w = w * inv[None, :]
+        w = _cast(w, dt, RNE_FIX)
+        if UPCAST:
+            a = a.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(a, w, acc, input_precision=PREC)
+    if HAS_A2:
+        for k in range(0, K2, BK):
+            k_ok = (k + rk) < K2
+            a = tl.load(a2_ptr + rr[:, None] * sa2_r + (k + rk)[None, :] * sa2_k,
+                        mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w2_ptr + (k + rk)[:, None] * sw2_k + rc[None, :] * sw2_c,
+                        mask=k_ok[:, None] & c_ok[None, :], other=0.0)
+            if SCALE:
+                w = w * inv[None, :]
+            w = _cast(w, a2_base.dtype.element_ty, RNE_FIX)
+            if UPCAST:
+                a = a.to(tl.float32)
+                w = w.to(tl.float32)
+            acc = tl.dot(a, w, acc, input_precision=PREC)
+    if SCALE:
+        acc = acc * scale[None, :]
+    if HAS_V:
+        v = tl.load(v_base + tl.load(qp + 4) + rc, mask=c_ok, other=0.0)
+        acc += v[None, :]
+    out_ptr = out_base + tl.load(qp + 5)
+    tl.store(out_ptr + rr[:, None] * so_r + rc[None, :] * so_c, _cast(acc, dt, RNE_FIX),
+             mask=r_ok[:, None] & c_ok[None, :])

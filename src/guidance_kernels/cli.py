@@ -1,4 +1,6 @@
-"""``guidance-kernels`` command line: one sub-command per module in ``guidance_kernels.commands``."""
+"""guidance-kernels: fused CKA / Procrustes kernels for representational-alignment guidance.
+
+One sub-command per module in guidance_kernels.commands."""
 
 from __future__ import annotations
 
@@ -6,7 +8,12 @@ import importlib
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Fused CKA / Procrustes kernels for representational-alignment guidance.")
+
+
+@app.callback()
+def _root() -> None:
+    """Fused kernels for representational-alignment guidance."""
 
 # name -> module in guidance_kernels.commands that defines `command` (a typer-annotated function)
 COMMANDS = {

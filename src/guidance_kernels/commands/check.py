@@ -1,0 +1,65 @@
+"""`guidance-kernels check`: a self-check of every available backend against fp64 math."""
+
+from __future__ import annotations
+
+import typer
+import torch
+from rich.console import Console
+from rich.table import Table
+
+
+def _fp64_cka(x: torch.Tensor, y: torch.Tensor) -> float:
+    x = x.reshape(x.shape[0], -1).double()
+    y = y.reshape(y.shape[0], -1).double()
+    x, y = x - x.mean(0), y - y.mean(0)
+    return float((x.T @ y).norm() ** 2 / ((x.T @ x).norm() * (y.T @ y).norm()))
+
+
+def command(
+    device: str = typer.Option("cpu", help="Device to run on (cpu, cuda)."),
+    n: int = typer.Option(64, help="Samples per representation."),
+    seed: int = typer.Option(0, help="Random seed."),
+) -> None:
+    """Print CKA of a few representations per backend, next to an fp64 reference."""
+    import guidance_kernels as gk
+    from guidance_kernels.backends import get_backend
+
+    console = Console()
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, 48, generator=g)
+    reps = {
+        "conv-like (n,8,4,4)": base @ torch.randn(48, 128, generator=g),
+        "rotated copy": base @ torch.linalg.qr(torch.randn(48, 48, generator=g))[0],
+        "noisy copy": base + 0.5 * torch.randn(n, 48, generator=g),
+        "independent": torch.randn(n, 32, generator=g),
+    }
+    reps["conv-like (n,8,4,4)"] = reps["conv-like (n,8,4,4)"].reshape(n, 8, 4, 4)
+    table = Table(title=f"CKA(base, ·) on {device}, n = {n}")
+    table.add_column("representation")
+    table.add_column("fp64 reference", justify="right")
+    backends = []
+    dev = torch.device(device)
+    for name in gk.list_backends():
+        try:
+            why = get_backend(name).available(dev)
+        except RuntimeError as e:
+            why = str(e)
+        if why is None:
+            backends.append(name)
+            table.add_column(name, justify="right")
+        else:
+            console.print(f"[dim]backend {name!r} skipped: {why}[/dim]")
+    worst = 0.0
+    for label, rep in reps.items():
+        ref = _fp64_cka(base, rep)
+        row = [label, f"{ref:.6f}"]
+        for name in backends:
+            got = float(gk.cka(base.to(dev), rep.to(dev), backend=name))
+            worst = max(worst, abs(got - ref))
+            row.append(f"{got:.6f}")
+        table.add_row(*row)
+    console.print(table)
+    ok = worst < 1e-5
+    console.print(f"max |backend - fp64| = {worst:.2e}: " + ("[green]OK[/green]" if ok else "[red]MISMATCH[/red]"))
+    if not ok:
+        raise typer.Exit(1)

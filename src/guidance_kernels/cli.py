@@ -17,7 +17,9 @@ def _root() -> None:
 
 # name -> module in guidance_kernels.commands that defines `command` (a typer-annotated function)
 COMMANDS = {
+    "demo": "demo",
     "check": "check",
+    "bench": "bench",
 }
 
 for _name, _module in COMMANDS.items():

@@ -1,0 +1,113 @@
+"""Guided training under ``torch.distributed`` (launch with ``torchrun``).
+
+DDP: wrap the target as usual; :class:`~guidance_kernels.train.guidance.Guidance` unwraps
+``.module`` for layer names and its hooks sit on the inner modules, so they see every forward.
+FSDP2 (``torch.distributed.fsdp.fully_shard``) shards parameters, not activations: the hooks on
+the sharded submodules see full per-sample activations of the local batch, so guidance works
+unchanged (apply ``fully_shard`` to submodules first, then the root, as FSDP2 expects).
+The guide is not trained: give every rank a full copy (no wrapper).
+
+Two forms of the loss:
+
+* ``gather="rank"`` (default): each rank computes the guidance loss on its own shard of ``b``
+  samples; DDP averages the gradients. This is the mean of per-shard CKAs, **not** the CKA of
+  the global batch (CKA is not additive over samples), but it costs nothing extra.
+* ``gather="global"``: every guided activation (target and guide) is all-gathered so each rank
+  computes the exact loss of the global batch of ``W*b`` samples. The target gather is
+  differentiable (``torch.distributed.nn.functional.all_gather``: its backward sums the
+  gradient of every rank's identical loss onto the owning rank, i.e. ``W * dL/dX_r``), and DDP's
+  gradient averaging divides by ``W`` again, so the parameter gradient equals the single-process
+  gradient of ``task_mean(global batch) + alpha * guidance(global batch)`` exactly (with
+  equal shard sizes). Memory: each rank holds the gathered activations of all guided layers,
+  ``W`` times the local guided activation memory for the target (kept for backward) plus ``W``
+  times for the guide, and Grams of ``(W*b)^2`` instead of ``b^2``; the backward moves the same
+  volume again (all-to-all on gloo, reduce-scatter on NCCL). Every rank must have the same
+  local batch size (use ``drop_last=True`` or :func:`shard`).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def world() -> tuple[int, int]:
+    """``(rank, world_size)``; ``(0, 1)`` outside a process group."""
+    if not is_distributed():
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
+
+
+def init_from_env(backend: str | None = None) -> tuple[int, int]:
+    """Initialise the default process group from torchrun's environment (no-op without it)."""
+    if is_distributed():
+        return world()
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return 0, 1
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend)
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return world()
+
+
+def shard(batch: Tensor, rank: int | None = None, world_size: int | None = None) -> Tensor:
+    """This rank's contiguous slice of a global batch (the global size must divide evenly)."""
+    if rank is None or world_size is None:
+        rank, world_size = world()
+    n = batch.shape[0]
+    if n % world_size:
+        raise ValueError(f"global batch of {n} does not split evenly over {world_size} ranks")
+    b = n // world_size
+    return batch[rank * b:(rank + 1) * b]
+
+
+def gather_batch(tensors: Sequence[Tensor], *, group=None, differentiable: bool) -> list[Tensor]:
+    """Concatenate each tensor over ranks along dim 0 (rank order). Identity without a group.
+
+    ``differentiable=True`` uses the autograd-aware all-gather (gradients flow back to the
+    owning rank); ``False`` a plain all-gather (guide activations)."""
+    if not is_distributed():
+        return list(tensors)
+    ws = dist.get_world_size(group)
+    out = []
+    for t in tensors:
+        if differentiable:
+            from torch.distributed.nn.functional import all_gather
+
+            parts = all_gather(t.contiguous(), group=group)
+        else:
+            parts = [torch.empty_like(t) for _ in range(ws)]
+            dist.all_gather(parts, t.contiguous(), group=group)
+        out.append(torch.cat(list(parts), dim=0))
+    return out
+
+
+def wrap_ddp(model: nn.Module, **kwargs) -> nn.Module:
+    """``DistributedDataParallel`` for CPU (gloo) or the current CUDA device."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    if torch.cuda.is_available() and next(model.parameters()).is_cuda:
+        kwargs.setdefault("device_ids", [torch.cuda.current_device()])
+    return DDP(model, **kwargs)
+
+
+def wrap_fsdp(model: nn.Module, layer_types: tuple[type, ...] = (nn.Linear, nn.Conv2d), **kwargs) -> nn.Module:
+    """FSDP2: ``fully_shard`` every module of ``layer_types`` that owns parameters, then the root.
+    Module names (and so the guided layer names) are unchanged."""
+    from torch.distributed.fsdp import fully_shard
+
+    for m in list(model.modules()):
+        if m is not model and isinstance(m, layer_types) and any(True for _ in m.parameters(recurse=False)):
+            fully_shard(m, **kwargs)
+    fully_shard(model, **kwargs)
+    return model

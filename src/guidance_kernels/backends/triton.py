@@ -55,6 +55,10 @@ def _kernels_interpreted() -> bool:
     return isinstance(_atb.atb_kernel, InterpretedFunction)
 
 
+# whether the kernels were created under TRITON_INTERPRET=1 (fixed when they are defined)
+_INTERPRETED = _IMPORT_ERROR is None and _kernels_interpreted()
+
+
 def available(device: torch.device) -> Optional[str]:
     if _IMPORT_ERROR is not None:
         return _IMPORT_ERROR
@@ -62,7 +66,7 @@ def available(device: torch.device) -> Optional[str]:
     if device.type == "cuda":
         return None
     if device.type == "cpu":
-        if _interpreting() and _kernels_interpreted():
+        if _interpreting() and _INTERPRETED:
             return None
         return (
             "Triton kernels run on CUDA; CPU tensors need TRITON_INTERPRET=1 set before "
@@ -356,11 +360,14 @@ def _run_aw(problems: list[tuple], has_a2: bool, has_v: bool):
     ptrs = _device_table([list(r) for r in zip(*cols)], device)
     upcast, prec = _flags(a0.dtype, a20.dtype)
     upcast = upcast or (_interpreting() and a0.dtype == torch.bfloat16)
+    # W is rounded to the activation dtype for the tensor-core dot only when A and A2 share it
+    round_w = a0.dtype == a20.dtype and a0.dtype in _LOW
     with _launch_ctx(device):
         _aw.aw_kernel[(plan.n_tiles,)](
             a0, w0, a20, w20, v0, out0, plan.prob, ptrs, plan.tiles,
             BM=plan.bm, BN=plan.bn, BK=plan.bk, HAS_A2=has_a2, HAS_V=has_v,
-            SCALE=torch.float16 in (a0.dtype, a20.dtype), UPCAST=upcast, PREC=prec, RNE_FIX=_interpreting(),
+            SCALE=round_w and a0.dtype == torch.float16, ROUND_W=round_w, UPCAST=upcast, PREC=prec,
+            RNE_FIX=_interpreting(),
             num_warps=plan.warps, num_stages=plan.stages,
         )
 

@@ -13,8 +13,9 @@ The host builds a problem table (int64, ``_PF`` fields a row), a per-call pointe
 one program per ``BM x BN`` output tile; every program runs the full K loop (no split: the
 output is activation-sized, so there are always enough tiles).
 
-Precision: the fp32 ``W`` is rounded to the activation dtype for the tensor-core ``dot``
-(bf16: same relative error as the bf16 output itself). fp16 has a narrow exponent range and
+Precision: with ``ROUND_W`` (A and A2 of one 16-bit dtype) the fp32 ``W`` is rounded to the
+activation dtype for the tensor-core ``dot`` (bf16: the same relative error as the bf16 output
+itself); otherwise (fp32, or mixed dtypes with ``UPCAST``) the dot runs in exact fp32. fp16 has a narrow exponent range and
 CKA gradients are tiny (``~1/(n² p)``), so with ``SCALE`` each program first finds the largest
 ``|W|`` of each of its output columns, divides ``W`` by it before rounding and multiplies the
 fp32 accumulator back.
@@ -48,7 +49,7 @@ def aw_kernel(
     prob_ptr, ptr_ptr, tile_ptr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     HAS_A2: tl.constexpr, HAS_V: tl.constexpr, SCALE: tl.constexpr,
-    UPCAST: tl.constexpr, PREC: tl.constexpr, RNE_FIX: tl.constexpr,
+    ROUND_W: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, RNE_FIX: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     prob = tl.load(tile_ptr + pid * 3 + 0)
@@ -111,7 +112,8 @@ def aw_kernel(
                     mask=k_ok[:, None] & c_ok[None, :], other=0.0)
         if SCALE:
             w = w * inv[None, :]
-        w = _cast(w, dt, RNE_FIX)
+        if ROUND_W:
+            w = _cast(w, dt, RNE_FIX)
         if UPCAST:
             a = a.to(tl.float32)
             w = w.to(tl.float32)
@@ -125,7 +127,8 @@ def aw_kernel(
                         mask=k_ok[:, None] & c_ok[None, :], other=0.0)
             if SCALE:
                 w = w * inv[None, :]
-            w = _cast(w, a2_base.dtype.element_ty, RNE_FIX)
+            if ROUND_W:
+                w = _cast(w, a2_base.dtype.element_ty, RNE_FIX)
             if UPCAST:
                 a = a.to(tl.float32)
                 w = w.to(tl.float32)

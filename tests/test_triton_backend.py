@@ -1,0 +1,343 @@
+"""Triton backend: every primitive against fp64 math, end to end against the reference backend,
+opcheck and torch.compile through the ops.
+
+Without CUDA this runs the kernels under TRITON_INTERPRET=1 (set by conftest) on tiny shapes;
+launch parameters are shrunk (16x16 tiles, short K chunks) so that several tiles per layer, the
+symmetric mirror, split-K with the finalize pass and the unsplit direct store are all exercised.
+The ``gpu`` tests run the canonical workloads W1-W5 (GUIDE §3) at full size.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import guidance_kernels as gk
+from guidance_kernels import ops
+from guidance_kernels.backends import get_backend
+
+triton = pytest.importorskip("triton")
+from guidance_kernels.backends import triton as tb  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+# tiny launch parameters: several tiles per layer, and split-K (SPLIT) or not (DIRECT)
+SMALL = dict(atb_block=16, atb_bk=16, aw_bm=16, aw_bn=16, aw_bk=16)
+SPLIT = dict(SMALL, min_chunk=16, target_items=1 << 20)
+DIRECT = dict(SMALL, min_chunk=1 << 20, target_items=1)
+
+
+@pytest.fixture(autouse=True)
+def _ready():
+    why = get_backend("triton").available(torch.device(DEV))
+    if why is not None:
+        pytest.skip(why)
+
+
+def rel(got, want):
+    got, want = got.double(), want.double()
+    return ((got - want).norm() / want.norm().clamp_min(1e-300)).item()
+
+
+def layers(dtype, seed=0):
+    """Layers of different feature sizes: odd n and p, n = 2, p = 1, and three non-contiguous
+    views (transposed, column-strided, row-sliced)."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g).to(dtype).to(DEV)  # noqa: E731
+    return [
+        r(33, 200),
+        r(5, 37),
+        r(2, 3),
+        r(17, 1),
+        r(40, 19).T,  # (19, 40), feature stride != 1
+        r(21, 90)[:, ::3],  # (21, 30), feature stride 3
+        r(50, 64)[7:38],  # (31, 64), storage offset
+    ]
+
+
+def partners(xs, dtype, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    qs = [11, 50, 4, 23, 33, 9, 64]
+    return [torch.randn(x.shape[0], q, generator=g).to(dtype).to(DEV) for x, q in zip(xs, qs)]
+
+
+def fp64(t):
+    return t.detach().double()
+
+
+# --------------------------------------------------------------------------- primitives
+@pytest.mark.parametrize("mode", ["split", "direct"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gram(dtype, mode):
+    xs = layers(dtype)
+    with tb.tuning(**(SPLIT if mode == "split" else DIRECT)):
+        got = tb.gram(xs)
+    for k, x in zip(got, xs):
+        assert k.dtype == torch.float32 and k.shape == (x.shape[0], x.shape[0])
+        assert rel(k, fp64(x) @ fp64(x).T) <= TOL[dtype]
+        assert torch.equal(k, k.T)  # diagonal tiles symmetrized, off-diagonal mirrored
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gram_backward(dtype):
+    xs = layers(dtype)
+    g = torch.Generator().manual_seed(2)
+    ms = [torch.randn(x.shape[0], x.shape[0], generator=g).to(DEV) for x in xs]
+    ms[1] = ms[1].T  # non-contiguous m (not symmetric: checks m x, not mᵀ x)
+    with tb.tuning(**SMALL):
+        got = tb.gram_backward(ms, xs)
+    for d, m, x in zip(got, ms, xs):
+        assert d.dtype == x.dtype and d.shape == x.shape
+        assert rel(d, fp64(m) @ fp64(x)) <= TOL[dtype]
+
+
+def test_gram_backward_fp16_tiny_gradients():
+    """CKA gradients are ~1/(n² p): unscaled, such an m is subnormal in fp16 and loses most
+    digits; the kernel scales each output column before the fp16 dot."""
+    g = torch.Generator().manual_seed(3)
+    x = (30 * torch.randn(33, 70, generator=g)).half().to(DEV)
+    m = 1e-6 * torch.randn(33, 33, generator=g).to(DEV)
+    with tb.tuning(**SMALL):
+        (d,) = tb.gram_backward([m], [x])
+    assert rel(d, fp64(m) @ fp64(x)) <= 2e-3
+
+
+@pytest.mark.parametrize("mode", ["split", "direct"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cross(dtype, mode):
+    xs = layers(dtype)
+    ys = partners(xs, dtype)
+    with tb.tuning(**(SPLIT if mode == "split" else DIRECT)):
+        got = tb.cross(xs, ys)
+    for i, (x, y) in enumerate(zip(xs, ys)):
+        X, Y = fp64(x), fp64(y)
+        for j, want in enumerate([X.T @ X, Y.T @ Y, X.T @ Y, X.sum(0), Y.sum(0)]):
+            assert got[j][i].dtype == torch.float32 and got[j][i].shape == want.shape
+            assert rel(got[j][i], want) <= TOL[dtype], (i, j)
+        assert torch.equal(got[0][i], got[0][i].T) and torch.equal(got[1][i], got[1][i].T)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cross_backward(dtype):
+    xs = layers(dtype)
+    ys = partners(xs, dtype)
+    g = torch.Generator().manual_seed(4)
+    ms = [torch.randn(x.shape[1], x.shape[1], generator=g).to(DEV) for x in xs]
+    ns = [torch.randn(y.shape[1], x.shape[1], generator=g).to(DEV) for x, y in zip(xs, ys)]
+    vs = [torch.randn(x.shape[1], generator=g).to(DEV) for x in xs]
+    ns[0] = torch.randn(xs[0].shape[1], ys[0].shape[1], generator=g).to(DEV).T  # strided n
+    with tb.tuning(**SMALL):
+        got = tb.cross_backward(xs, ms, ys, ns, vs)
+    for d, x, m, y, n_, v in zip(got, xs, ms, ys, ns, vs):
+        assert d.dtype == x.dtype and d.shape == x.shape
+        want = fp64(x) @ fp64(m) + fp64(y) @ fp64(n_) + fp64(v)
+        assert rel(d, want) <= TOL[dtype]
+
+
+def test_mixed_and_fp64_dtypes():
+    """Pairs of different dtypes get their own launch (fp32 math); fp64 goes to the reference."""
+    g = torch.Generator().manual_seed(5)
+    x16 = torch.randn(9, 40, generator=g).half().to(DEV)
+    x32 = torch.randn(9, 24, generator=g).to(DEV)
+    x64 = torch.randn(9, 13, generator=g, dtype=torch.float64).to(DEV)
+    xs, ys = [x16, x32, x64], [x32, x16, x64]
+    with tb.tuning(**SMALL):
+        grams = tb.gram(xs)
+        a, b, c, sx, sy = tb.cross(xs, ys)
+        ms = [torch.randn(x.shape[1], x.shape[1], generator=g).to(DEV, k.dtype) for x, k in zip(xs, a)]
+        ns = [torch.randn(y.shape[1], x.shape[1], generator=g).to(DEV, k.dtype) for x, y, k in zip(xs, ys, a)]
+        vs = [torch.randn(x.shape[1], generator=g).to(DEV, k.dtype) for x, k in zip(xs, a)]
+        dx = tb.cross_backward(xs, ms, ys, ns, vs)
+    assert grams[2].dtype == torch.float64 and a[2].dtype == torch.float64
+    for i, (x, y) in enumerate(zip(xs, ys)):
+        tol = 1e-2 if x.dtype == torch.float16 else 1e-5
+        X, Y = fp64(x), fp64(y)
+        assert rel(grams[i], X @ X.T) <= tol
+        assert rel(c[i], X.T @ Y) <= tol and rel(sy[i], Y.sum(0)) <= tol
+        assert rel(dx[i], X @ fp64(ms[i]) + Y @ fp64(ns[i]) + fp64(vs[i])) <= tol
+
+
+def test_edge_cases():
+    assert tb.gram([]) == [] and tb.gram_backward([], []) == []
+    x = torch.randn(2, 1).to(DEV)
+    (k,) = tb.gram([x])
+    assert rel(k, fp64(x) @ fp64(x).T) <= 1e-6
+    with pytest.raises(ValueError):
+        tb.gram([torch.randn(2, 3, 4).to(DEV)])
+
+
+class _Count:
+    """Counts launches of a Triton kernel (wraps ``kernel[grid]``)."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches, self.programs = kernel, 0, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        self.programs += grid[0]
+        return self.kernel[grid]
+
+
+def test_one_launch_for_many_layers(monkeypatch):
+    """W5-like: 40 pairs in one forward launch (+ at most one finalize) and one backward launch."""
+    from guidance_kernels.kernels import triton_atb, triton_aw
+
+    counts = {}
+    for mod, name in [(triton_atb, "atb_kernel"), (triton_atb, "finalize_kernel"), (triton_aw, "aw_kernel")]:
+        counts[name] = _Count(getattr(mod, name))
+        monkeypatch.setattr(mod, name, counts[name])
+    g = torch.Generator().manual_seed(6)
+    xs = [torch.randn(8, 16 + i % 5, generator=g).to(DEV).requires_grad_() for i in range(40)]
+    ys = [torch.randn(8, 12, generator=g).to(DEV) for _ in range(40)]
+    loss = gk.guidance_loss(xs, ys, backend="triton", form="sample")
+    loss.backward()
+    assert counts["atb_kernel"].launches == 1 and counts["finalize_kernel"].launches <= 1
+    assert counts["aw_kernel"].launches == 1
+    ref = [x.detach().clone().requires_grad_() for x in xs]
+    want = gk.guidance_loss(ref, ys, backend="reference", form="sample")
+    want.backward()
+    assert rel(loss, want) <= 1e-5
+    assert max(rel(a.grad, b.grad) for a, b in zip(xs, ref)) <= 1e-4
+
+
+# --------------------------------------------------------------------------- end to end
+@pytest.mark.parametrize("form", ["sample", "feature"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_guidance_loss_matches_reference(dtype, form):
+    """Value and gradient (targets and a trainable guide) vs the reference backend in fp64."""
+    g = torch.Generator().manual_seed(7)
+    shapes = [(24, 3, 5, 5), (24, 40), (24, 7)]
+    xs = [torch.randn(*s, generator=g).to(dtype).to(DEV).requires_grad_() for s in shapes]
+    ys = [torch.randn(24, q, generator=g).to(dtype).to(DEV) for q in (30, 11, 64)]
+    ys[1].requires_grad_()
+    with tb.tuning(**SPLIT):
+        loss = gk.guidance_loss(xs, ys, backend="triton", form=form)
+        loss.backward()
+    xr = [fp64(x).requires_grad_() for x in xs]
+    yr = [fp64(y).requires_grad_() for y in ys]
+    want = gk.guidance_loss(xr, yr, backend="reference", form=form)
+    want.backward()
+    tol = TOL[dtype]
+    assert loss.dtype == torch.float32 and rel(loss, want) <= tol
+    for a, b in zip(xs + [ys[1]], xr + [yr[1]]):
+        assert a.grad.dtype == dtype
+        assert rel(a.grad, b.grad) <= (1e-4 if dtype == torch.float32 else 2e-2)
+    assert ys[0].grad is None
+
+
+@pytest.mark.parametrize("metric", ["debiased_cka", "procrustes"])
+def test_other_metrics_and_centered_gram(metric):
+    g = torch.Generator().manual_seed(8)
+    xs = [torch.randn(12, 30, generator=g).to(DEV).requires_grad_() for _ in range(2)]
+    ys = [torch.randn(12, 20, generator=g).to(DEV) for _ in range(2)]
+    got = gk.pair_scores(xs, ys, metric=metric, backend="triton")
+    want = gk.pair_scores(xs, ys, metric=metric, backend="reference")
+    assert rel(got, want) <= 1e-5
+    gx = torch.autograd.grad(got.sum(), xs)
+    wx = torch.autograd.grad(want.sum(), xs)
+    assert max(rel(a, b) for a, b in zip(gx, wx)) <= 1e-4
+    x = xs[0].detach()
+    assert rel(gk.centered_gram(x, backend="triton"), gk.centered_gram(x, backend="reference")) <= 1e-5
+
+
+# --------------------------------------------------------------------------- opcheck, compile
+def _op_cases():
+    g = torch.Generator().manual_seed(9)
+    r = lambda *s: torch.randn(*s, generator=g).to(DEV)  # noqa: E731
+    x1, x2 = r(6, 9).requires_grad_(), r(20, 5)[::2].requires_grad_()  # (10, 5) row-strided
+    y1, y2 = r(6, 4).requires_grad_(), r(10, 7)
+    return {
+        "gram": (torch.ops.guidance_kernels.gram.default, ([x1, x2], "triton")),
+        "gram_backward": (
+            torch.ops.guidance_kernels.gram_backward.default,
+            ([r(6, 6).requires_grad_(), r(10, 10)], [x1, x2], "triton"),
+        ),
+        "cross": (torch.ops.guidance_kernels.cross.default, ([x1, x2], [y1, y2], "triton")),
+        "cross_backward": (
+            torch.ops.guidance_kernels.cross_backward.default,
+            ([x1, x2], [r(9, 9), r(5, 5).requires_grad_()], [y1, y2], [r(4, 9), r(7, 5)], [r(9), r(5)], "triton"),
+        ),
+    }
+
+
+@pytest.mark.parametrize("name", ["gram", "gram_backward", "cross", "cross_backward"])
+def test_opcheck(name):
+    op, args = _op_cases()[name]
+    with tb.tuning(**SMALL):
+        torch.library.opcheck(op, args)
+
+
+def test_compile_fullgraph():
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(10)
+    xs = [torch.randn(10, 3, 4, generator=g).to(DEV).requires_grad_(), torch.randn(10, 33, generator=g).to(DEV).requires_grad_()]
+    ys = [torch.randn(10, 8, generator=g).to(DEV), torch.randn(10, 40, generator=g).to(DEV)]
+
+    def f(xs, ys):
+        return gk.guidance_loss(xs, ys, backend="triton")
+
+    compiled = torch.compile(f, fullgraph=True)
+    got = compiled(xs, ys)
+    gx = torch.autograd.grad(got, xs)
+    want = f(xs, ys)
+    wx = torch.autograd.grad(want, xs)
+    assert rel(got, want) <= 1e-5
+    assert max(rel(a, b) for a, b in zip(gx, wx)) <= 1e-4
+
+
+# --------------------------------------------------------------------------- GPU: W1-W5
+def _flat(shape):
+    out = 1
+    for s in shape:
+        out *= s
+    return out
+
+
+_W1 = [(64, 56, 56), (64, 56, 56), (128, 28, 28), (128, 28, 28), (256, 14, 14), (256, 14, 14), (512, 7, 7), (512, 7, 7)]
+WORKLOADS = {
+    # name: (n, target feature sizes, guide feature sizes)
+    "W1_resnet18_b256": (256, [_flat(s) for s in _W1], [_flat(s) for s in _W1]),
+    "W2_fcn_guided_b256": (256, [2048] * 32, [_flat(_W1[i % 8]) for i in range(32)]),
+    "W3_gpt_tokens": (16384, [1024] * 24, [768] * 24),
+    "W4_vit_b128": (128, [197 * 768] * 12, [197 * 768] * 12),
+    "W5_many_small": (64, [512] * 128, [512] * 128),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("workload", list(WORKLOADS))
+def test_gpu_workload(workload, dtype):
+    """Full-size canonical workloads: loss value and target gradients of the triton backend vs
+    the fp64 reference (the same low-precision inputs, upcast), plus the raw Grams."""
+    n, ps, qs = WORKLOADS[workload]
+    g = torch.Generator(device="cuda").manual_seed(11)
+    xs = [torch.randn(n, p, device="cuda", generator=g, dtype=dtype).requires_grad_() for p in ps]
+    ys = [torch.randn(n, q, device="cuda", generator=g, dtype=dtype) for q in qs]
+    loss = gk.guidance_loss(xs, ys, backend="triton")
+    grads = torch.autograd.grad(loss, xs)
+    xr = [fp64(x).requires_grad_() for x in xs]
+    want = gk.guidance_loss(xr, [fp64(y) for y in ys], backend="reference")
+    wgrads = torch.autograd.grad(want, xr)
+    tol = TOL[dtype]
+    assert rel(loss, want) <= tol
+    for a, b in zip(grads, wgrads):
+        assert a.dtype == dtype and rel(a, b) <= max(tol, 1e-4)
+    del grads, wgrads, xr
+    # the raw products themselves, on a few layers
+    k = min(4, len(xs))
+    for kk, x in zip(tb.gram([x.detach() for x in xs[:k]]), xs[:k]):
+        assert rel(kk, fp64(x) @ fp64(x).T) <= max(tol, 1e-5)
+    if n > 4096:
+        a, b, c, sx, sy = tb.cross([x.detach() for x in xs[:2]], ys[:2])
+        for i in range(2):
+            X, Y = fp64(xs[i]), fp64(ys[i])
+            assert rel(a[i], X.T @ X) <= 1e-5 and rel(c[i], X.T @ Y) <= 1e-5
+            assert rel(sx[i], X.sum(0)) <= 1e-5
+
+
+@pytest.mark.gpu
+def test_gpu_w5_launch_count(monkeypatch):
+    test_one_launch_for_many_layers(monkeypatch)

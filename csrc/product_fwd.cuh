@@ -1,0 +1,236 @@
+// Grouped split-K "product" kernel for the forward passes (gram: NT layout, cross: TN layout).
+// One launch covers every layer: blockIdx.x indexes a work list of (job, tile, K-range) items.
+// Each 64 x 64 output tile is accumulated in fp32 by tensor cores (bf16/fp16 WMMA 16x16x16 with
+// exact products; fp32 inputs use 3xTF32 WMMA 16x16x8, ~fp32 accuracy) and added to the
+// zero-initialised fp32 output with atomics, mirrored for symmetric off-diagonal tiles.
+#pragma once
+
+#include "common.cuh"
+
+namespace gk {
+
+// Zero the outputs (M x N, contiguous: ldo == N) and column sums of the split-K jobs.
+// grid: (x blocks striding the elements, y blocks striding the jobs). A template so that each
+// kernel file that includes this header can emit it without a link-time clash.
+template <int kUnused = 0>
+__global__ void zero_outputs_kernel(const ProductJob* __restrict__ jobs, int num_jobs) {
+  for (int j = blockIdx.y; j < num_jobs; j += gridDim.y) {
+    const ProductJob J = jobs[j];
+    if (!J.accumulate) continue;
+    const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+    const int64_t start = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+    const int64_t total = int64_t(J.M) * J.ldo;
+    for (int64_t i = start; i < total; i += stride) J.out[i] = 0.f;
+    if (J.sum_u != nullptr)
+      for (int64_t i = start; i < J.M; i += stride) J.sum_u[i] = 0.f;
+    if (J.sum_v != nullptr)
+      for (int64_t i = start; i < J.N; i += stride) J.sum_v[i] = 0.f;
+  }
+}
+
+__device__ __forceinline__ void add_or_store(float* p, float v, bool accumulate) {
+  if (accumulate) {
+    atomicAdd(p, v);
+  } else {
+    *p = v;
+  }
+}
+
+template <typename T, bool TN>
+struct FwdSmem {
+  using S = typename Elem<T>::storage;
+  static constexpr int kPad = 16 / sizeof(S);
+  static constexpr int kRows = TN ? kTileK : kTileM;  // shared tile rows
+  static constexpr int kCols = TN ? kTileM : kTileK;  // shared tile cols
+  static constexpr int kLd = kCols + kPad;
+};
+
+// acc[i][j] += U_tile * V_tile for this warp's 32 x 32 quarter (16-bit inputs).
+template <typename T, bool TN, typename Acc>
+__device__ __forceinline__ void fwd_mma_16bit(Acc (&acc)[2][2], const T* sU, const T* sV, int wm,
+                                              int wn) {
+  constexpr int LD = FwdSmem<T, TN>::kLd;
+  using LayoutA = typename std::conditional<TN, wmma::col_major, wmma::row_major>::type;
+  using LayoutB = typename std::conditional<TN, wmma::row_major, wmma::col_major>::type;
+#pragma unroll
+  for (int kk = 0; kk < kTileK; kk += 16) {
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, LayoutA> a[2];
+    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, LayoutB> b[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int m = wm * 32 + i * 16;
+      wmma::load_matrix_sync(a[i], TN ? sU + kk * LD + m : sU + m * LD + kk, LD);
+    }
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const int n = wn * 32 + j * 16;
+      wmma::load_matrix_sync(b[j], TN ? sV + kk * LD + n : sV + n * LD + kk, LD);
+    }
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
+  }
+}
+
+// Same for fp32 inputs: 3xTF32 (a_lo*b_hi + a_hi*b_lo + a_hi*b_hi).
+template <bool TN, typename Acc>
+__device__ __forceinline__ void fwd_mma_f32(Acc (&acc)[2][2], const float* sU, const float* sV,
+                                            int wm, int wn) {
+  constexpr int LD = FwdSmem<float, TN>::kLd;
+  using LayoutA = typename std::conditional<TN, wmma::col_major, wmma::row_major>::type;
+  using LayoutB = typename std::conditional<TN, wmma::row_major, wmma::col_major>::type;
+#pragma unroll
+  for (int kk = 0; kk < kTileK; kk += 8) {
+    wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, LayoutA> ah[2], al[2];
+    wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, LayoutB> bh[2], bl[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int m = wm * 32 + i * 16;
+      wmma::load_matrix_sync(ah[i], TN ? sU + kk * LD + m : sU + m * LD + kk, LD);
+      split_tf32(ah[i], al[i]);
+    }
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const int n = wn * 32 + j * 16;
+      wmma::load_matrix_sync(bh[j], TN ? sV + kk * LD + n : sV + n * LD + kk, LD);
+      split_tf32(bh[j], bl[j]);
+    }
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        wmma::mma_sync(acc[i][j], al[i], bh[j], acc[i][j]);
+        wmma::mma_sync(acc[i][j], ah[i], bl[j], acc[i][j]);
+        wmma::mma_sync(acc[i][j], ah[i], bh[j], acc[i][j]);
+      }
+  }
+}
+
+template <typename T, bool TN>
+__global__ void __launch_bounds__(kThreads)
+    product_fwd_kernel(const ProductJob* __restrict__ jobs, const ProductWork* __restrict__ work) {
+#if GK_TENSOR_CORES
+  using S = typename Elem<T>::storage;
+  using Sm = FwdSmem<T, TN>;
+  constexpr int LD = Sm::kLd;
+  __shared__ __align__(128) S sU[Sm::kRows * LD];
+  __shared__ __align__(128) S sV[Sm::kRows * LD];
+  __shared__ __align__(128) float sC[kTileM * kLdC];
+
+  const ProductWork w = work[blockIdx.x];
+  const ProductJob J = jobs[w.job];
+  const int tid = threadIdx.x;
+  const int warp = tid / 32;
+  const int wm = warp / 2, wn = warp % 2;
+  const int64_t m0 = int64_t(w.ti) * kTileM;
+  const int64_t n0 = int64_t(w.tj) * kTileN;
+  const S* U = static_cast<const S*>(J.u);
+  const S* V = static_cast<const S*>(J.v);
+  constexpr int VEC = 16 / sizeof(S);
+  const bool vu = aligned16(U) && (J.ldu % VEC == 0);
+  const bool vv = aligned16(V) && (J.ldv % VEC == 0);
+  // Column sums (cross only): threads 0..63 sum U's tile columns, 64..127 V's.
+  const bool do_su = TN && J.sum_u != nullptr && w.tj == 0;
+  const bool do_sv = TN && J.sum_v != nullptr && w.ti == 0;
+  float colsum = 0.f;
+
+  using AccFrag = wmma::fragment<wmma::accumulator, 16, 16, (sizeof(S) == 2 ? 16 : 8), float>;
+  AccFrag acc[2][2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
+
+  for (int64_t k = w.k0; k < w.k1; k += kTileK) {
+    if constexpr (TN) {
+      load_tile_raw<S, kTileK, kTileM, LD>(sU, U, J.ldu, k, m0, w.k1, J.M, vu);
+      load_tile_raw<S, kTileK, kTileN, LD>(sV, V, J.ldv, k, n0, w.k1, J.N, vv);
+    } else {
+      load_tile_raw<S, kTileM, kTileK, LD>(sU, U, J.ldu, m0, k, J.M, w.k1, vu);
+      load_tile_raw<S, kTileN, kTileK, LD>(sV, V, J.ldv, n0, k, J.N, w.k1, vv);
+    }
+    __syncthreads();
+    if constexpr (TN) {
+      if (do_su && tid < kTileM) {
+#pragma unroll 8
+        for (int kk = 0; kk < kTileK; ++kk) colsum += Elem<T>::to_float(sU[kk * LD + tid]);
+      }
+      if (do_sv && tid >= kThreads - kTileN) {
+        const int c = tid - (kThreads - kTileN);
+#pragma unroll 8
+        for (int kk = 0; kk < kTileK; ++kk) colsum += Elem<T>::to_float(sV[kk * LD + c]);
+      }
+    }
+    if constexpr (sizeof(S) == 2) {
+      fwd_mma_16bit<T, TN>(acc, reinterpret_cast<const T*>(sU), reinterpret_cast<const T*>(sV),
+                           wm, wn);
+    } else {
+      fwd_mma_f32<TN>(acc, sU, sV, wm, wn);
+    }
+    __syncthreads();
+  }
+
+  // Epilogue: stage the fp32 tile in shared memory, then add it (and its mirror) to the output.
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+      wmma::store_matrix_sync(sC + (wm * 32 + i * 16) * kLdC + wn * 32 + j * 16, acc[i][j], kLdC,
+                              wmma::mem_row_major);
+  __syncthreads();
+  const int64_t M = J.M, N = J.N, ldo = J.ldo;
+  const bool acc_out = J.accumulate != 0;
+  for (int idx = tid; idx < kTileM * kTileN; idx += kThreads) {
+    const int r = idx / kTileN, c = idx % kTileN;
+    if (m0 + r < M && n0 + c < N) add_or_store(J.out + (m0 + r) * ldo + n0 + c, sC[r * kLdC + c], acc_out);
+  }
+  if (J.symmetric && w.ti != w.tj) {
+    // out[n][m] += tile[m][n]; consecutive threads walk m so the global adds stay coalesced.
+    for (int idx = tid; idx < kTileM * kTileN; idx += kThreads) {
+      const int c = idx / kTileM, r = idx % kTileM;
+      if (m0 + r < M && n0 + c < N) add_or_store(J.out + (n0 + c) * ldo + m0 + r, sC[r * kLdC + c], acc_out);
+    }
+  }
+  if constexpr (TN) {
+    if (do_su && tid < kTileM && m0 + tid < M) add_or_store(J.sum_u + m0 + tid, colsum, acc_out);
+    if (do_sv && tid >= kThreads - kTileN) {
+      const int c = tid - (kThreads - kTileN);
+      if (n0 + c < N) add_or_store(J.sum_v + n0 + c, colsum, acc_out);
+    }
+  }
+#else
+  __trap();
+#endif
+}
+
+// Host-side launcher shared by gram_fwd.cu (TN = false) and cross_fwd.cu (TN = true).
+template <bool TN>
+cudaError_t launch_product_fwd(DType dt, const ProductJob* jobs, int num_jobs,
+                               const ProductWork* work, int64_t num_work, cudaStream_t stream) {
+  if (num_jobs > 0) {
+    const dim3 zgrid(64, num_jobs < 65535 ? num_jobs : 65535);
+    zero_outputs_kernel<0><<<zgrid, 256, 0, stream>>>(jobs, num_jobs);
+    cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  if (num_work <= 0) return cudaSuccess;
+  if (num_work > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
+  const dim3 grid(static_cast<unsigned>(num_work));
+  switch (dt) {
+    case DType::F32:
+      product_fwd_kernel<float, TN><<<grid, kThreads, 0, stream>>>(jobs, work);
+      break;
+    case DType::F16:
+      product_fwd_kernel<__half, TN><<<grid, kThreads, 0, stream>>>(jobs, work);
+      break;
+    case DType::BF16:
+      product_fwd_kernel<__nv_bfloat16, TN><<<grid, kThreads, 0, stream>>>(jobs, work);
+      break;
+    default:
+      return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace gk

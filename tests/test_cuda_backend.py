@@ -1,0 +1,488 @@
+"""CUDA C++ backend (``guidance_kernels._C``, sources in ``csrc/``).
+
+Without a GPU (CI, the dev box) these tests check what can be checked on a CPU:
+* the extension was built by ``pip install`` wherever nvcc and a CUDA torch are present, and it
+  imports (CI installs from a fresh clone, so a compile error fails the install itself);
+* the host API rejects CPU tensors, bad dtypes, bad ranks/shapes/strides and mismatched lists
+  with a clear message, before touching the device;
+* ``backend="cuda"`` on CPU tensors says clearly why it cannot run;
+* the Python glue (dtype grouping, fp64 -> reference, stride fixes, mixed-dtype pairs, result
+  order) is right, run against a fake extension that computes with the reference backend, also
+  through the torch.library ops (autograd, opcheck).
+The ``gpu`` tests run the kernels: every primitive on awkward shapes (odd sizes, n = 1, p = 1,
+empty, strided views, split-K and unsplit) and the canonical workloads W1-W5 (GUIDE §3) at full
+size, against fp64 in value and gradient, for float32, float16 and bfloat16.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+
+import guidance_kernels as gk
+from guidance_kernels import ops
+from guidance_kernels.backends import cuda as cb
+from guidance_kernels.backends import get_backend, resolve_backend
+from guidance_kernels.backends import reference as ref
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# relative Frobenius error vs fp64 of the same (rounded) inputs: fp32 outputs of the products,
+# and outputs rounded to the activation dtype (backward passes).
+PROD_TOL = 2e-5
+OUT_TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def rel(got, want):
+    got, want = got.double(), want.double()
+    return ((got - want).norm() / want.norm().clamp_min(1e-300)).item()
+
+
+def fp64(t):
+    return t.detach().double()
+
+
+def _toolchain_present() -> bool:
+    return torch.version.cuda is not None and (
+        shutil.which("nvcc") is not None or bool(os.environ.get("CUDA_HOME"))
+    )
+
+
+needs_ext = pytest.mark.skipif(cb._C is None, reason=f"extension not importable: {cb._IMPORT_ERROR}")
+
+
+# =========================================================================== CPU: build/import
+def test_extension_built_where_toolchain_present():
+    """CI's compile check, second half: `pip install --no-build-isolation -e .` compiles csrc/
+    (a compile error fails the install); here we make sure the build was not silently skipped."""
+    if os.environ.get("GUIDANCE_KERNELS_SKIP_CUDA_BUILD", "").lower() in ("1", "true", "yes", "on"):
+        pytest.skip("GUIDANCE_KERNELS_SKIP_CUDA_BUILD is set")
+    if not _toolchain_present():
+        pytest.skip("no nvcc / CPU-only torch: the extension is not expected here")
+    assert cb._C is not None, cb._IMPORT_ERROR
+    assert cb._IMPORT_ERROR is None
+    for name in ("gram", "gram_backward", "cross", "cross_backward"):
+        assert callable(getattr(cb._C, name))
+
+
+def test_backend_registered_and_ranked():
+    b = get_backend("cuda")
+    assert b.name == "cuda" and b.priority == {"cuda": 20}
+    assert b.gram is cb.gram and b.cross_backward is cb.cross_backward
+
+
+def test_backend_cuda_on_cpu_tensors_says_why():
+    x = torch.randn(4, 8)
+    why = get_backend("cuda").available(x.device)
+    assert isinstance(why, str) and why
+    if cb._C is None:
+        assert "guidance_kernels._C" in why
+    else:
+        assert "CUDA tensors" in why and "'cpu'" in why
+    with pytest.raises(RuntimeError, match=r"backend 'cuda' cannot run on cpu"):
+        resolve_backend("cuda", [x])
+    with pytest.raises(RuntimeError, match=r"backend 'cuda' cannot run on cpu"):
+        gk.guidance_loss([x], [torch.randn(4, 5)], backend="cuda")
+    assert resolve_backend("auto", [x]) == "reference"
+
+
+def test_missing_extension_reason(monkeypatch):
+    monkeypatch.setattr(cb, "_C", None)
+    monkeypatch.setattr(cb, "_IMPORT_ERROR", "the CUDA extension guidance_kernels._C is not built; ...")
+    assert "not built" in cb.available(torch.device("cuda"))
+    with pytest.raises(RuntimeError, match="not built"):
+        cb.gram([torch.randn(3, 4)])
+
+
+# =========================================================================== CPU: host API checks
+@needs_ext
+class TestHostApiChecks:
+    """The extension's own argument checks; they run before any CUDA call, so CPU tensors reach
+    each of them (the device check comes last)."""
+
+    def test_empty_lists(self):
+        assert cb._C.gram([]) == []
+        assert cb._C.gram_backward([], []) == []
+        assert cb._C.cross([], []) == ([], [], [], [], [])
+        assert cb._C.cross_backward([], [], [], [], []) == []
+
+    def test_cpu_tensor(self):
+        with pytest.raises(RuntimeError, match=r"gram: xs\[0\] must be a CUDA tensor, got device cpu"):
+            cb._C.gram([torch.randn(4, 8)])
+        with pytest.raises(RuntimeError, match=r"cross: xs\[0\] must be a CUDA tensor"):
+            cb._C.cross([torch.randn(4, 8)], [torch.randn(4, 3)])
+        with pytest.raises(RuntimeError, match=r"gram_backward: xs\[0\] must be a CUDA tensor"):
+            cb._C.gram_backward([torch.randn(4, 4)], [torch.randn(4, 8)])
+        with pytest.raises(RuntimeError, match=r"cross_backward: xs\[0\] must be a CUDA tensor"):
+            cb._C.cross_backward(
+                [torch.randn(4, 8)], [torch.randn(8, 8)], [torch.randn(4, 3)], [torch.randn(3, 8)], [torch.randn(8)]
+            )
+
+    @pytest.mark.parametrize("dtype", [torch.float64, torch.int32, torch.bool, torch.complex64], ids=str)
+    def test_bad_dtype(self, dtype):
+        x = torch.zeros(4, 8, dtype=dtype)
+        with pytest.raises(RuntimeError, match=r"xs\[0\] has dtype .*float32, float16 or bfloat16"):
+            cb._C.gram([x])
+
+    def test_mixed_dtypes_in_one_call(self):
+        xs = [torch.randn(4, 8), torch.randn(4, 8).half()]
+        with pytest.raises(RuntimeError, match=r"xs\[1\] has dtype Half but the first tensor .* Float"):
+            cb._C.gram(xs)
+        with pytest.raises(RuntimeError, match=r"ys\[0\] has dtype BFloat16"):
+            cb._C.cross([torch.randn(4, 8)], [torch.randn(4, 8).bfloat16()])
+
+    @pytest.mark.parametrize("shape", [(8,), (2, 3, 4), ()])
+    def test_bad_rank(self, shape):
+        with pytest.raises(RuntimeError, match=r"xs\[0\] must be 2-D"):
+            cb._C.gram([torch.zeros(shape)])
+
+    def test_bad_strides(self):
+        x = torch.randn(8, 6).T  # (6, 8) with column stride 6
+        with pytest.raises(RuntimeError, match=r"xs\[0\] must have unit stride along its last dimension"):
+            cb._C.gram([x])
+        y = torch.randn(1, 8).expand(4, 8)  # rows overlap (row stride 0)
+        with pytest.raises(RuntimeError, match=r"xs\[0\] has overlapping rows"):
+            cb._C.gram([y])
+
+    def test_list_lengths(self):
+        with pytest.raises(RuntimeError, match=r"ms and xs must have the same length, got 2 and 1"):
+            cb._C.gram_backward([torch.randn(4, 4)] * 2, [torch.randn(4, 8)])
+        with pytest.raises(RuntimeError, match=r"xs and ys must have the same length"):
+            cb._C.cross([torch.randn(4, 8)], [])
+        with pytest.raises(RuntimeError, match=r"xs and vs must have the same length"):
+            cb._C.cross_backward(
+                [torch.randn(4, 8)], [torch.randn(8, 8)], [torch.randn(4, 3)], [torch.randn(3, 8)], []
+            )
+
+    def test_gram_backward_factor(self):
+        x = torch.randn(4, 8)
+        with pytest.raises(RuntimeError, match=r"ms\[0\] must have shape \[4, 4\], got \[4, 5\]"):
+            cb._C.gram_backward([torch.randn(4, 5)], [x])
+        with pytest.raises(RuntimeError, match=r"ms\[0\] must be float32, got Double"):
+            cb._C.gram_backward([torch.randn(4, 4, dtype=torch.float64)], [x])
+        with pytest.raises(RuntimeError, match=r"ms\[0\] must be contiguous"):
+            cb._C.gram_backward([torch.randn(8, 4)[::2]], [x])
+
+    def test_cross_shapes(self):
+        with pytest.raises(RuntimeError, match=r"xs\[0\] and ys\[0\] must have the same number of rows"):
+            cb._C.cross([torch.randn(4, 8)], [torch.randn(5, 3)])
+        x, y = torch.randn(4, 8), torch.randn(4, 3)
+        m, n, v = torch.randn(8, 8), torch.randn(3, 8), torch.randn(8)
+        with pytest.raises(RuntimeError, match=r"ns\[0\] must have shape \[3, 8\], got \[8, 3\]"):
+            cb._C.cross_backward([x], [m], [y], [n.T.contiguous()], [v])
+        with pytest.raises(RuntimeError, match=r"vs\[0\] must have shape \[8\]"):
+            cb._C.cross_backward([x], [m], [y], [n], [torch.randn(3)])
+        with pytest.raises(RuntimeError, match=r"ms\[0\] must have shape \[8, 8\]"):
+            cb._C.cross_backward([x], [torch.randn(3, 3)], [y], [n], [v])
+
+
+# =========================================================================== CPU: Python glue
+class FakeExt:
+    """Stands in for guidance_kernels._C on the CPU: checks that the backend hands it what the
+    kernels require (one dtype per call, unit column stride, fp32 contiguous factors) and computes
+    with the reference backend."""
+
+    def __init__(self):
+        self.calls = []
+
+    def _acts(self, ts):
+        assert len({t.dtype for t in ts}) <= 1
+        for t in ts:
+            assert t.dtype in (torch.float32, torch.float16, torch.bfloat16)
+            assert t.dim() == 2 and (t.size(1) <= 1 or t.stride(1) == 1)
+
+    def _f32(self, ts):
+        for t in ts:
+            assert t.dtype == torch.float32 and t.is_contiguous()
+
+    def gram(self, xs):
+        self._acts(xs)
+        self.calls.append(("gram", len(xs)))
+        return ref.gram(xs)
+
+    def gram_backward(self, ms, xs):
+        self._acts(xs)
+        self._f32(ms)
+        self.calls.append(("gram_backward", len(xs)))
+        return ref.gram_backward(ms, xs)
+
+    def cross(self, xs, ys):
+        self._acts(list(xs) + list(ys))
+        self.calls.append(("cross", len(xs)))
+        return tuple(ref.cross(xs, ys))
+
+    def cross_backward(self, xs, ms, ys, ns, vs):
+        self._acts(list(xs) + list(ys))
+        self._f32(list(ms) + list(ns) + list(vs))
+        self.calls.append(("cross_backward", len(xs)))
+        return ref.cross_backward(xs, ms, ys, ns, vs)
+
+
+@pytest.fixture
+def fake_ext(monkeypatch):
+    fake = FakeExt()
+    monkeypatch.setattr(cb, "_C", fake)
+    return fake
+
+
+def _mixed_layers(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    return [
+        r(6, 10).bfloat16(),
+        r(6, 7).double(),
+        r(9, 6).T,  # fp32, column stride 9
+        r(6, 12).half()[:, ::2],  # fp16, column stride 2
+        r(6, 3).bfloat16(),
+        r(6, 1),
+    ]
+
+
+def test_glue_gram_and_backward(fake_ext):
+    xs = _mixed_layers()
+    got = cb.gram(xs)
+    for k, x in zip(got, xs):
+        assert k.dtype == ref.acc_dtype(x.dtype) and rel(k, fp64(x) @ fp64(x).T) <= 1e-5
+    assert [c[0] for c in fake_ext.calls] == ["gram"] * 3  # bf16, fp32, fp16 groups; fp64 -> reference
+    ms = [torch.randn(6, 6, dtype=ref.acc_dtype(x.dtype)) for x in xs]
+    for d, m, x in zip(cb.gram_backward(ms, xs), ms, xs):
+        assert d.dtype == x.dtype and d.shape == x.shape
+        assert rel(d, fp64(m) @ fp64(x)) <= OUT_TOL.get(x.dtype, 1e-12)
+
+
+def test_glue_cross_and_backward(fake_ext):
+    xs = _mixed_layers(1)
+    ys = _mixed_layers(2)[::-1]  # pairs of different dtypes -> fp32
+    outs = cb.cross(xs, ys)
+    for i, (x, y) in enumerate(zip(xs, ys)):
+        X, Y = fp64(x), fp64(y)
+        want = (X.T @ X, Y.T @ Y, X.T @ Y, X.sum(0), Y.sum(0))
+        for k in range(5):
+            assert outs[k][i].dtype == ref.acc_dtype(x.dtype) or torch.float64 in (x.dtype, y.dtype)
+            assert rel(outs[k][i], want[k]) <= 1e-5
+    ms = [torch.randn(x.shape[1], x.shape[1]) for x in xs]
+    ns = [torch.randn(y.shape[1], x.shape[1]).T.contiguous().T for x, y in zip(xs, ys)]  # non-contiguous
+    vs = [torch.randn(x.shape[1]) for x in xs]
+    got = cb.cross_backward(xs, ms, ys, ns, vs)
+    for d, x, m, y, n, v in zip(got, xs, ms, ys, ns, vs):
+        want = fp64(x) @ fp64(m) + fp64(y) @ fp64(n) + fp64(v)
+        assert d.dtype == x.dtype and d.shape == x.shape
+        assert rel(d, want) <= OUT_TOL.get(x.dtype, 1e-12) + 2e-3 * (x.dtype != y.dtype)
+
+
+def test_glue_through_ops_autograd_and_opcheck(fake_ext):
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(5, 7, generator=g, dtype=torch.float32).requires_grad_() for _ in range(2)]
+    ks = ops.gram(xs, "cuda")
+    w = [torch.randn(5, 5, generator=g) for _ in ks]
+    grads = torch.autograd.grad(sum((k * r).sum() for k, r in zip(ks, w)), xs)
+    for gx, x, r in zip(grads, xs, w):
+        assert rel(gx, (fp64(r) + fp64(r).T) @ fp64(x)) <= 1e-5
+    ys = [torch.randn(5, 4, generator=g) for _ in xs]
+    torch.library.opcheck(torch.ops.guidance_kernels.gram.default, ([x.detach() for x in xs], "cuda"))
+    torch.library.opcheck(torch.ops.guidance_kernels.cross.default, ([x.detach() for x in xs], ys, "cuda"))
+    assert {c[0] for c in fake_ext.calls} >= {"gram", "gram_backward", "cross"}
+
+
+# =========================================================================== GPU
+gpu_ready = pytest.mark.skipif(
+    cb._C is None or not torch.cuda.is_available() or cb.available(torch.device("cuda")) is not None,
+    reason="needs the built extension and an sm_80+ CUDA device",
+)
+
+
+def _gpu_layers(dtype, seed=0):
+    """Awkward layers: odd n and p, n = 1, p = 1, one full 64-tile, just over a tile, empty
+    features, zero rows, non-contiguous views (column-strided, row-sliced with odd row stride,
+    storage offset making the base unaligned), and one long layer that forces split-K."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    r = lambda *s: torch.randn(*s, device="cuda", generator=g).to(dtype)  # noqa: E731
+    return [
+        r(33, 200),
+        r(1, 37),
+        r(17, 1),
+        r(64, 64),
+        r(65, 129),
+        r(130, 1000),
+        r(5, 0),
+        r(0, 7),
+        r(40, 19).T,  # (19, 40), column stride 19
+        r(21, 90)[:, ::3],  # (21, 30), column stride 3
+        r(50, 77)[3:40, 1:70],  # (37, 69), odd row stride 77, base offset by 1 element
+        r(96, 70_001),  # many K splits (atomics)
+    ]
+
+
+def _gpu_partner(x, q, dtype, g):
+    return torch.randn(x.shape[0], q, device="cuda", generator=g).to(dtype)
+
+
+@pytest.mark.gpu
+@gpu_ready
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gpu_gram(dtype):
+    xs = _gpu_layers(dtype)
+    got = cb.gram(xs)
+    for k, x in zip(got, xs):
+        assert k.dtype == torch.float32 and k.shape == (x.shape[0], x.shape[0])
+        want = fp64(x) @ fp64(x).T
+        if want.numel() and want.norm() > 0:
+            assert rel(k, want) <= PROD_TOL, x.shape
+        else:
+            assert torch.all(k == 0)  # p == 0: zeros, not NaN (outputs are NaN-poisoned)
+    # mirrored off-diagonal tiles and the diagonal tiles: symmetric to rounding
+    for k in got:
+        if k.numel() and k.norm() > 0:
+            assert rel(k, k.T) <= 1e-6
+
+
+@pytest.mark.gpu
+@gpu_ready
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gpu_gram_backward(dtype):
+    xs = _gpu_layers(dtype, seed=1)
+    g = torch.Generator(device="cuda").manual_seed(2)
+    ms = [torch.randn(x.shape[0], x.shape[0], device="cuda", generator=g) for x in xs]
+    for d, m, x in zip(cb.gram_backward(ms, xs), ms, xs):
+        assert d.dtype == dtype and d.shape == x.shape and d.is_contiguous()
+        if d.numel():
+            assert rel(d, fp64(m) @ fp64(x)) <= OUT_TOL[dtype], x.shape
+
+
+@pytest.mark.gpu
+@gpu_ready
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gpu_cross(dtype):
+    g = torch.Generator(device="cuda").manual_seed(4)
+    xs = [x for x in _gpu_layers(dtype, seed=3) if x.shape[1] < 5000]
+    xs.append(torch.randn(5000, 70, device="cuda", generator=g).to(dtype))  # long n: split-K
+    ys = [_gpu_partner(x, q, dtype, g) for x, q in zip(xs, [3, 64, 65, 1, 130, 0, 33, 9, 200, 31, 7, 33])]
+    outs = cb.cross(xs, ys)
+    for i, (x, y) in enumerate(zip(xs, ys)):
+        X, Y = fp64(x), fp64(y)
+        want = (X.T @ X, Y.T @ Y, X.T @ Y, X.sum(0), Y.sum(0))
+        for k in range(5):
+            o = outs[k][i]
+            assert o.dtype == torch.float32 and o.shape == want[k].shape
+            if want[k].numel() and want[k].norm() > 0:
+                assert rel(o, want[k]) <= PROD_TOL, (i, k, x.shape, y.shape)
+            else:
+                assert torch.all(o == 0), (i, k)
+
+
+@pytest.mark.gpu
+@gpu_ready
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gpu_cross_backward(dtype):
+    g = torch.Generator(device="cuda").manual_seed(5)
+    xs = [x for x in _gpu_layers(dtype, seed=6) if x.shape[1] < 5000]
+    ys = [_gpu_partner(x, q, dtype, g) for x, q in zip(xs, [3, 64, 65, 1, 130, 0, 33, 9, 200, 31, 7])]
+    f = lambda *s: torch.randn(*s, device="cuda", generator=g)  # noqa: E731
+    ms = [f(x.shape[1], x.shape[1]) for x in xs]
+    ns = [f(y.shape[1], x.shape[1]) for x, y in zip(xs, ys)]
+    vs = [f(x.shape[1]) for x in xs]
+    for d, x, m, y, n, v in zip(cb.cross_backward(xs, ms, ys, ns, vs), xs, ms, ys, ns, vs):
+        assert d.dtype == dtype and d.shape == x.shape
+        if d.numel():
+            want = fp64(x) @ fp64(m) + fp64(y) @ fp64(n) + fp64(v)
+            assert rel(d, want) <= OUT_TOL[dtype], (x.shape, y.shape)
+
+
+@pytest.mark.gpu
+@gpu_ready
+def test_gpu_mixed_dtype_lists_and_fp64():
+    g = torch.Generator(device="cuda").manual_seed(7)
+    xs = [torch.randn(20, 33, device="cuda", generator=g).to(d) for d in (torch.bfloat16, torch.float64, torch.float16, torch.float32)]
+    for k, x in zip(cb.gram(xs), xs):
+        assert k.dtype == ref.acc_dtype(x.dtype) and rel(k, fp64(x) @ fp64(x).T) <= PROD_TOL
+    ys = xs[::-1]
+    outs = cb.cross(xs, ys)
+    for i, (x, y) in enumerate(zip(xs, ys)):
+        assert rel(outs[2][i], fp64(x).T @ fp64(y)) <= PROD_TOL
+
+
+@pytest.mark.gpu
+@gpu_ready
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gpu_ops_autograd_opcheck_compile(dtype):
+    g = torch.Generator(device="cuda").manual_seed(8)
+    xs = [torch.randn(n, p, device="cuda", generator=g).to(dtype).requires_grad_() for n, p in [(70, 300), (9, 5)]]
+    ys = [torch.randn(x.shape[0], q, device="cuda", generator=g).to(dtype) for x, q in zip(xs, [40, 3])]
+    ks = ops.gram(xs, "cuda")
+    w = [torch.randn(k.shape, device="cuda", generator=g) for k in ks]
+    grads = torch.autograd.grad(sum((k * r).sum() for k, r in zip(ks, w)), xs)
+    for gx, x, r in zip(grads, xs, w):
+        assert rel(gx, (fp64(r) + fp64(r).T) @ fp64(x)) <= OUT_TOL[dtype]
+    a, b, c, sx, sy = ops.cross(xs, ys, "cuda")
+    loss = sum(t.square().sum() for t in a + c + sx)
+    grads = torch.autograd.grad(loss, xs)
+    xr = [fp64(x).requires_grad_() for x in xs]
+    yr = [fp64(y) for y in ys]
+    want = sum((X.T @ X).square().sum() + (X.T @ Y).square().sum() + X.sum(0).square().sum() for X, Y in zip(xr, yr))
+    for gx, wx in zip(grads, torch.autograd.grad(want, xr)):
+        assert rel(gx, wx) <= 2 * OUT_TOL[dtype]
+    det = [x.detach() for x in xs]
+    torch.library.opcheck(torch.ops.guidance_kernels.gram.default, (det, "cuda"))
+    torch.library.opcheck(torch.ops.guidance_kernels.cross.default, (det, ys, "cuda"))
+    compiled = torch.compile(lambda t: ops.gram(t, "cuda"), fullgraph=True)
+    for k1, k2 in zip(compiled(det), ops.gram(det, "cuda")):
+        assert rel(k1, k2) <= 1e-6
+
+
+def _flat(shape):
+    out = 1
+    for s in shape:
+        out *= s
+    return out
+
+
+_W1 = [(64, 56, 56), (64, 56, 56), (128, 28, 28), (128, 28, 28), (256, 14, 14), (256, 14, 14), (512, 7, 7), (512, 7, 7)]
+WORKLOADS = {
+    # name: (n, target feature sizes, guide feature sizes)
+    "W1_resnet18_b256": (256, [_flat(s) for s in _W1], [_flat(s) for s in _W1]),
+    "W2_fcn_guided_b256": (256, [2048] * 32, [_flat(_W1[i % 8]) for i in range(32)]),
+    "W3_gpt_tokens": (16384, [1024] * 24, [768] * 24),
+    "W4_vit_b128": (128, [197 * 768] * 12, [197 * 768] * 12),
+    "W5_many_small": (64, [512] * 128, [512] * 128),
+}
+LOSS_TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+
+
+@pytest.mark.gpu
+@gpu_ready
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("workload", list(WORKLOADS))
+def test_gpu_workload(workload, dtype):
+    """Full-size canonical workloads: the guidance loss and the target gradients through the
+    CUDA backend vs the fp64 reference (the same rounded inputs, upcast), plus the raw products
+    of the workload's form (sample-space Grams; feature-space cross for W3) on a few layers."""
+    n, ps, qs = WORKLOADS[workload]
+    g = torch.Generator(device="cuda").manual_seed(11)
+    xs = [torch.randn(n, p, device="cuda", generator=g).to(dtype).requires_grad_() for p in ps]
+    ys = [torch.randn(n, q, device="cuda", generator=g).to(dtype) for q in qs]
+    loss = gk.guidance_loss(xs, ys, backend="cuda")
+    grads = torch.autograd.grad(loss, xs)
+    xr = [fp64(x).requires_grad_() for x in xs]
+    want = gk.guidance_loss(xr, [fp64(y) for y in ys], backend="reference")
+    wgrads = torch.autograd.grad(want, xr)
+    tol = LOSS_TOL[dtype]
+    assert rel(loss, want) <= tol
+    for a, b in zip(grads, wgrads):
+        assert a.dtype == dtype and rel(a, b) <= max(tol, 1e-4)
+    del grads, wgrads, xr
+    k = min(4, len(xs))
+    det = [x.detach() for x in xs[:k]]
+    for kk, x in zip(cb.gram(det), det):
+        assert rel(kk, fp64(x) @ fp64(x).T) <= PROD_TOL
+    m = [torch.randn(n, n, device="cuda", generator=g) for _ in det]
+    for d, mm, x in zip(cb.gram_backward(m, det), m, det):
+        assert rel(d, fp64(mm) @ fp64(x)) <= OUT_TOL[dtype]
+    if n > 4096:
+        a, b, c, sx, sy = cb.cross(det[:2], ys[:2])
+        for i in range(2):
+            X, Y = fp64(det[i]), fp64(ys[i])
+            assert rel(a[i], X.T @ X) <= PROD_TOL and rel(b[i], Y.T @ Y) <= PROD_TOL
+            assert rel(c[i], X.T @ Y) <= PROD_TOL and rel(sx[i], X.sum(0)) <= PROD_TOL
+            assert rel(sy[i], Y.sum(0)) <= PROD_TOL

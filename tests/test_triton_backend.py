@@ -47,7 +47,7 @@ def layers(dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g).to(dtype).to(DEV)  # noqa: E731
     return [
-        r(33, 200),
+        r(33, 100),
         r(5, 37),
         r(2, 3),
         r(17, 1),
@@ -341,3 +341,34 @@ def test_gpu_workload(workload, dtype):
 @pytest.mark.gpu
 def test_gpu_w5_launch_count(monkeypatch):
     test_one_launch_for_many_layers(monkeypatch)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_contiguous_aligned_fast_path(dtype):
+    """Contiguous layers with sizes that are multiples of 8 take the specialized path
+    (compile-time unit strides and alignment hints); results must not change."""
+    g = torch.Generator().manual_seed(12)
+    xs = [torch.randn(n, p, generator=g).to(dtype).to(DEV) for n, p in [(16, 64), (24, 40), (8, 8)]]
+    ys = [torch.randn(x.shape[0], q, generator=g).to(dtype).to(DEV) for x, q in zip(xs, [32, 16, 24])]
+    tol = TOL[dtype]
+    with tb.tuning(**SPLIT):
+        grams = tb.gram(xs)
+        assert tb.LAST_FLAGS["atb"] == dict(A_LAYOUT=2, B_LAYOUT=1, ALIGN=True, n_fin=tb.LAST_FLAGS["atb"]["n_fin"])
+        assert tb.LAST_FLAGS["atb"]["n_fin"] > 0
+        a, b, c, sx, sy = tb.cross(xs, ys)
+        assert tb.LAST_FLAGS["atb"]["A_LAYOUT"] == 1 and tb.LAST_FLAGS["atb"]["B_LAYOUT"] == 2
+        assert tb.LAST_FLAGS["atb"]["ALIGN"]
+        ms = [torch.randn(x.shape[0], x.shape[0], generator=g).to(DEV) for x in xs]
+        d = tb.gram_backward(ms, xs)
+        assert tb.LAST_FLAGS["aw"] == dict(A_LAYOUT=1, W_LAYOUT=1, O_LAYOUT=1, ALIGN=True)
+        mm = [torch.randn(x.shape[1], x.shape[1], generator=g).to(DEV) for x in xs]
+        nn_ = [torch.randn(y.shape[1], x.shape[1], generator=g).to(DEV) for x, y in zip(xs, ys)]
+        vv = [torch.randn(x.shape[1], generator=g).to(DEV) for x in xs]
+        e = tb.cross_backward(xs, mm, ys, nn_, vv)
+        assert tb.LAST_FLAGS["aw"] == dict(A_LAYOUT=2, W_LAYOUT=2, O_LAYOUT=2, ALIGN=True)
+    for i, (x, y) in enumerate(zip(xs, ys)):
+        X, Y = fp64(x), fp64(y)
+        assert rel(grams[i], X @ X.T) <= tol
+        assert rel(a[i], X.T @ X) <= tol and rel(c[i], X.T @ Y) <= tol and rel(sx[i], X.sum(0)) <= tol
+        assert rel(d[i], fp64(ms[i]) @ X) <= tol
+        assert rel(e[i], X @ fp64(mm[i]) + Y @ fp64(nn_[i]) + fp64(vv[i])) <= tol

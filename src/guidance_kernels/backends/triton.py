@@ -175,6 +175,35 @@ def _flags(da: torch.dtype, db: torch.dtype):
     return upcast, prec
 
 
+def _layout(pairs) -> int:
+    """Compile-time layout of one operand over all problems of a launch, from its
+    ``(stride_dim0, stride_dim1)`` pairs: 1 if every dim-0 stride is 1, 2 if every dim-1 stride
+    is 1, else 0 (see ``triton_util.tile_offsets``)."""
+    pairs = list(pairs)
+    if all(s1 == 1 for _s0, s1 in pairs):
+        return 2
+    if all(s0 == 1 for s0, _s1 in pairs):
+        return 1
+    return 0
+
+
+def _used_strides(pairs, layout: int):
+    for s0, s1 in pairs:
+        if layout != 1:
+            yield s0
+        if layout != 2:
+            yield s1
+
+
+def _aligned(*groups) -> bool:
+    """True when every value of every iterable is a multiple of 8 (elements)."""
+    return all(v % 8 == 0 for g in groups for v in g)
+
+
+# compile-time flags of the latest launch of each kernel (the tests check the fast paths ran)
+LAST_FLAGS: dict = {}
+
+
 def _launch_ctx(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
@@ -284,10 +313,22 @@ def _run_atb(problems: list[tuple]):
     else:
         ws = out0  # never touched
     upcast, prec = _flags(a0.dtype, b0.dtype)
+    a_pairs = [(r[_atb.P_SAK], r[_atb.P_SAM]) for r in static]  # A is (K x M)
+    b_pairs = [(r[_atb.P_SBK], r[_atb.P_SBN]) for r in static]  # B is (K x N)
+    a_lay, b_lay = _layout([(m, k) for k, m in a_pairs]), _layout(b_pairs)  # A tile is (M x K)
+    align = _aligned(
+        (v for r in static for v in r[: _atb.P_SAK]),
+        _used_strides([(m, k) for k, m in a_pairs], a_lay),
+        _used_strides(b_pairs, b_lay),
+        a_off,
+        b_off,
+    )
+    LAST_FLAGS["atb"] = dict(A_LAYOUT=a_lay, B_LAYOUT=b_lay, ALIGN=align, n_fin=plan.n_fin)
     with _launch_ctx(device):
         _atb.atb_kernel[(plan.n_items,)](
             a0, b0, out0, cs0, ws, plan.prob, ptrs, plan.tiles, plan.items,
             BM=plan.block, BN=plan.block, BK=plan.bk, UPCAST=upcast, PREC=prec,
+            A_LAYOUT=a_lay, B_LAYOUT=b_lay, ALIGN=align,
             num_warps=plan.warps, num_stages=plan.stages,
         )
         if plan.n_fin:
@@ -362,10 +403,27 @@ def _run_aw(problems: list[tuple], has_a2: bool, has_v: bool):
     upcast = upcast or (_interpreting() and a0.dtype == torch.bfloat16)
     # W is rounded to the activation dtype for the tensor-core dot only when A and A2 share it
     round_w = a0.dtype == a20.dtype and a0.dtype in _LOW
+    P = _aw
+    a_pairs = [(r[P.P_SAR], r[P.P_SAK]) for r in static]
+    w_pairs = [(r[P.P_SWK], r[P.P_SWC]) for r in static]
+    if has_a2:
+        a_pairs += [(r[P.P_SA2R], r[P.P_SA2K]) for r in static]
+        w_pairs += [(r[P.P_SW2K], r[P.P_SW2C]) for r in static]
+    o_pairs = [(r[P.P_SOR], r[P.P_SOC]) for r in static]
+    a_lay, w_lay, o_lay = _layout(a_pairs), _layout(w_pairs), _layout(o_pairs)
+    align = _aligned(
+        (v for r in static for v in r[: P.P_SAR]),
+        _used_strides(a_pairs, a_lay),
+        _used_strides(w_pairs, w_lay),
+        _used_strides(o_pairs, o_lay),
+        *(c for j, c in enumerate(cols) if j != P.Q_V),
+    )
+    LAST_FLAGS["aw"] = dict(A_LAYOUT=a_lay, W_LAYOUT=w_lay, O_LAYOUT=o_lay, ALIGN=align)
     with _launch_ctx(device):
         _aw.aw_kernel[(plan.n_tiles,)](
             a0, w0, a20, w20, v0, out0, plan.prob, ptrs, plan.tiles,
             BM=plan.bm, BN=plan.bn, BK=plan.bk, HAS_A2=has_a2, HAS_V=has_v,
+            A_LAYOUT=a_lay, W_LAYOUT=w_lay, O_LAYOUT=o_lay, ALIGN=align,
             SCALE=round_w and a0.dtype == torch.float16, ROUND_W=round_w, UPCAST=upcast, PREC=prec,
             RNE_FIX=_interpreting(),
             num_warps=plan.warps, num_stages=plan.stages,

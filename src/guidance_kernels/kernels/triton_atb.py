@@ -27,6 +27,8 @@ a diagonal tile is written as ``(T + Tᵀ)/2`` so that every output is exactly s
 import triton
 import triton.language as tl
 
+from guidance_kernels.kernels.triton_util import hint8, tile_offsets
+
 # problem table fields
 P_K, P_M, P_N, P_SAK, P_SAM, P_SBK, P_SBN, P_SOM, P_SON, P_SYM, P_CS = range(11)
 _PF = 11
@@ -65,7 +67,11 @@ def atb_kernel(
     prob_ptr, ptr_ptr, tile_ptr, item_ptr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     UPCAST: tl.constexpr, PREC: tl.constexpr,
+    A_LAYOUT: tl.constexpr, B_LAYOUT: tl.constexpr, ALIGN: tl.constexpr,
 ):
+    """``A_LAYOUT``: 1 if ``sa_m == 1``, 2 if ``sa_k == 1`` for all problems (else 0);
+    ``B_LAYOUT``: 1 if ``sb_k == 1``, 2 if ``sb_n == 1``; ``ALIGN``: every size, used stride,
+    K boundary and pointer offset is a multiple of 8 elements (vectorizable, unmasked-friendly)."""
     pid = tl.program_id(0).to(tl.int64)
     tile = tl.load(item_ptr + pid * 3 + 0)
     k0 = tl.load(item_ptr + pid * 3 + 1)
@@ -90,13 +96,23 @@ def atb_kernel(
     rm = ti * BM + tl.arange(0, BM)
     rn = tj * BN + tl.arange(0, BN)
     rk = tl.arange(0, BK)
-    m_ok = rm < M
-    n_ok = rn < N
     diag = ti == tj
     do_cs = (has_cs != 0) & diag
 
-    a_ptrs = a_base + a_off + rm[:, None] * sa_m + (k0 + rk)[None, :] * sa_k
-    b_ptrs = b_base + b_off + (k0 + rk)[:, None] * sb_k + rn[None, :] * sb_n
+    M = hint8(M, ALIGN)
+    N = hint8(N, ALIGN)
+    k0 = hint8(k0, ALIGN)
+    k1 = hint8(k1, ALIGN)
+    a_off = hint8(a_off, ALIGN)
+    b_off = hint8(b_off, ALIGN)
+    sa_k = hint8(sa_k, ALIGN)
+    sa_m = hint8(sa_m, ALIGN)
+    sb_k = hint8(sb_k, ALIGN)
+    sb_n = hint8(sb_n, ALIGN)
+    a_ptrs = a_base + a_off + tile_offsets(rm, k0 + rk, sa_m, sa_k, A_LAYOUT)
+    b_ptrs = b_base + b_off + tile_offsets(k0 + rk, rn, sb_k, sb_n, B_LAYOUT)
+    m_ok = rm < M
+    n_ok = rn < N
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     cs = tl.zeros((BM,), dtype=tl.float32)
     for k in range(k0, k1, BK):
@@ -109,8 +125,14 @@ def atb_kernel(
         acc = tl.dot(a, b, acc, input_precision=PREC)
         if do_cs:
             cs += tl.sum(a.to(tl.float32), axis=1)
-        a_ptrs += BK * sa_k
-        b_ptrs += BK * sb_k
+        if A_LAYOUT == 2:
+            a_ptrs += BK
+        else:
+            a_ptrs += BK * sa_k
+        if B_LAYOUT == 1:
+            b_ptrs += BK
+        else:
+            b_ptrs += BK * sb_k
 
     if ws_off < 0:
         so_m = tl.load(pp + 7)

@@ -24,6 +24,8 @@ fp32 accumulator back.
 import triton
 import triton.language as tl
 
+from guidance_kernels.kernels.triton_util import hint8, tile_offsets
+
 P_R, P_C, P_K, P_K2, P_SAR, P_SAK, P_SWK, P_SWC, P_SA2R, P_SA2K, P_SW2K, P_SW2C, P_SOR, P_SOC = range(14)
 _PF = 14
 Q_A, Q_W, Q_A2, Q_W2, Q_V, Q_OUT = range(6)
@@ -44,71 +46,29 @@ def _cast(x, dt: tl.constexpr, RNE_FIX: tl.constexpr):
 
 
 @triton.jit
-def aw_kernel(
-    a_base, w_base, a2_base, w2_base, v_base, out_base,
-    prob_ptr, ptr_ptr, tile_ptr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    HAS_A2: tl.constexpr, HAS_V: tl.constexpr, SCALE: tl.constexpr,
-    ROUND_W: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, RNE_FIX: tl.constexpr,
-):
-    pid = tl.program_id(0).to(tl.int64)
-    prob = tl.load(tile_ptr + pid * 3 + 0)
-    tr = tl.load(tile_ptr + pid * 3 + 1)
-    tc = tl.load(tile_ptr + pid * 3 + 2)
-    pp = prob_ptr + prob * 14
-    R = tl.load(pp + 0)
-    C = tl.load(pp + 1)
-    K = tl.load(pp + 2)
-    sa_r = tl.load(pp + 4)
-    sa_k = tl.load(pp + 5)
-    sw_k = tl.load(pp + 6)
-    sw_c = tl.load(pp + 7)
-    so_r = tl.load(pp + 12)
-    so_c = tl.load(pp + 13)
-    qp = ptr_ptr + prob * 6
-    a_ptr = a_base + tl.load(qp + 0)
-    w_ptr = w_base + tl.load(qp + 1)
-
-    rr = tr * BM + tl.arange(0, BM)
-    rc = tc * BN + tl.arange(0, BN)
+def _colmax(wmax, w_ptr, K, sw_k, sw_c, rc, c_ok, BK: tl.constexpr, W_LAYOUT: tl.constexpr):
     rk = tl.arange(0, BK)
-    r_ok = rr < R
-    c_ok = rc < C
-    dt = a_base.dtype.element_ty
-
-    if HAS_A2:
-        K2 = tl.load(pp + 3)
-        sa2_r = tl.load(pp + 8)
-        sa2_k = tl.load(pp + 9)
-        sw2_k = tl.load(pp + 10)
-        sw2_c = tl.load(pp + 11)
-        a2_ptr = a2_base + tl.load(qp + 2)
-        w2_ptr = w2_base + tl.load(qp + 3)
-
-    # per-column scale of W (and W2), fp16 only
-    scale = tl.full((BN,), 1.0, dtype=tl.float32)
-    if SCALE:
-        wmax = tl.zeros((BN,), dtype=tl.float32)
-        for k in range(0, K, BK):
-            k_ok = (k + rk) < K
-            w = tl.load(w_ptr + (k + rk)[:, None] * sw_k + rc[None, :] * sw_c,
-                        mask=k_ok[:, None] & c_ok[None, :], other=0.0)
-            wmax = tl.maximum(wmax, tl.max(tl.abs(w), axis=0))
-        if HAS_A2:
-            for k in range(0, K2, BK):
-                k_ok = (k + rk) < K2
-                w = tl.load(w2_ptr + (k + rk)[:, None] * sw2_k + rc[None, :] * sw2_c,
-                            mask=k_ok[:, None] & c_ok[None, :], other=0.0)
-                wmax = tl.maximum(wmax, tl.max(tl.abs(w), axis=0))
-        scale = tl.where(wmax > 0, wmax, 1.0)
-    inv = 1.0 / scale
-
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k in range(0, K, BK):
         k_ok = (k + rk) < K
-        a = tl.load(a_ptr + rr[:, None] * sa_r + (k + rk)[None, :] * sa_k,
+        w = tl.load(w_ptr + tile_offsets(k + rk, rc, sw_k, sw_c, W_LAYOUT),
+                    mask=k_ok[:, None] & c_ok[None, :], other=0.0)
+        wmax = tl.maximum(wmax, tl.max(tl.abs(w), axis=0))
+    return wmax
+
+
+@triton.jit
+def _term(acc, a_ptr, w_ptr, K, sa_r, sa_k, sw_k, sw_c, rr, rc, r_ok, c_ok, inv,
+          BK: tl.constexpr, A_LAYOUT: tl.constexpr, W_LAYOUT: tl.constexpr,
+          SCALE: tl.constexpr, ROUND_W: tl.constexpr, UPCAST: tl.constexpr,
+          PREC: tl.constexpr, RNE_FIX: tl.constexpr):
+    """acc += A[rr, :K] @ W[:K, rc]."""
+    dt = a_ptr.dtype.element_ty
+    rk = tl.arange(0, BK)
+    for k in range(0, K, BK):
+        k_ok = (k + rk) < K
+        a = tl.load(a_ptr + tile_offsets(rr, k + rk, sa_r, sa_k, A_LAYOUT),
                     mask=r_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_ptr + (k + rk)[:, None] * sw_k + rc[None, :] * sw_c,
+        w = tl.load(w_ptr + tile_offsets(k + rk, rc, sw_k, sw_c, W_LAYOUT),
                     mask=k_ok[:, None] & c_ok[None, :], other=0.0)
         if SCALE:
             w = w * inv[None, :]
@@ -118,26 +78,76 @@ def aw_kernel(
             a = a.to(tl.float32)
             w = w.to(tl.float32)
         acc = tl.dot(a, w, acc, input_precision=PREC)
+    return acc
+
+
+@triton.jit
+def aw_kernel(
+    a_base, w_base, a2_base, w2_base, v_base, out_base,
+    prob_ptr, ptr_ptr, tile_ptr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    HAS_A2: tl.constexpr, HAS_V: tl.constexpr, SCALE: tl.constexpr,
+    ROUND_W: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, RNE_FIX: tl.constexpr,
+    A_LAYOUT: tl.constexpr, W_LAYOUT: tl.constexpr, O_LAYOUT: tl.constexpr, ALIGN: tl.constexpr,
+):
+    """Layouts (see ``triton_util.tile_offsets``) hold for every problem of the launch, A2/W2
+    included: ``A_LAYOUT`` 1: ``sa_r == 1``, 2: ``sa_k == 1``; ``W_LAYOUT`` 1: ``sw_k == 1``,
+    2: ``sw_c == 1``; ``O_LAYOUT`` 1: ``so_r == 1``, 2: ``so_c == 1``. ``ALIGN``: every size,
+    used stride and pointer offset is a multiple of 8 elements."""
+    pid = tl.program_id(0).to(tl.int64)
+    prob = tl.load(tile_ptr + pid * 3 + 0)
+    tr = tl.load(tile_ptr + pid * 3 + 1)
+    tc = tl.load(tile_ptr + pid * 3 + 2)
+    pp = prob_ptr + prob * 14
+    qp = ptr_ptr + prob * 6
+    R = hint8(tl.load(pp + 0), ALIGN)
+    C = hint8(tl.load(pp + 1), ALIGN)
+    K = hint8(tl.load(pp + 2), ALIGN)
+    sa_r = hint8(tl.load(pp + 4), ALIGN)
+    sa_k = hint8(tl.load(pp + 5), ALIGN)
+    sw_k = hint8(tl.load(pp + 6), ALIGN)
+    sw_c = hint8(tl.load(pp + 7), ALIGN)
+    a_ptr = a_base + hint8(tl.load(qp + 0), ALIGN)
+    w_ptr = w_base + hint8(tl.load(qp + 1), ALIGN)
+
+    rr = tr * BM + tl.arange(0, BM)
+    rc = tc * BN + tl.arange(0, BN)
+    r_ok = rr < R
+    c_ok = rc < C
+    dt = a_base.dtype.element_ty
+
     if HAS_A2:
-        for k in range(0, K2, BK):
-            k_ok = (k + rk) < K2
-            a = tl.load(a2_ptr + rr[:, None] * sa2_r + (k + rk)[None, :] * sa2_k,
-                        mask=r_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w2_ptr + (k + rk)[:, None] * sw2_k + rc[None, :] * sw2_c,
-                        mask=k_ok[:, None] & c_ok[None, :], other=0.0)
-            if SCALE:
-                w = w * inv[None, :]
-            if ROUND_W:
-                w = _cast(w, a2_base.dtype.element_ty, RNE_FIX)
-            if UPCAST:
-                a = a.to(tl.float32)
-                w = w.to(tl.float32)
-            acc = tl.dot(a, w, acc, input_precision=PREC)
+        K2 = hint8(tl.load(pp + 3), ALIGN)
+        sa2_r = hint8(tl.load(pp + 8), ALIGN)
+        sa2_k = hint8(tl.load(pp + 9), ALIGN)
+        sw2_k = hint8(tl.load(pp + 10), ALIGN)
+        sw2_c = hint8(tl.load(pp + 11), ALIGN)
+        a2_ptr = a2_base + hint8(tl.load(qp + 2), ALIGN)
+        w2_ptr = w2_base + hint8(tl.load(qp + 3), ALIGN)
+
+    # per-column scale of W (and W2), fp16 only
+    scale = tl.full((BN,), 1.0, dtype=tl.float32)
+    if SCALE:
+        wmax = tl.zeros((BN,), dtype=tl.float32)
+        wmax = _colmax(wmax, w_ptr, K, sw_k, sw_c, rc, c_ok, BK, W_LAYOUT)
+        if HAS_A2:
+            wmax = _colmax(wmax, w2_ptr, K2, sw2_k, sw2_c, rc, c_ok, BK, W_LAYOUT)
+        scale = tl.where(wmax > 0, wmax, 1.0)
+    inv = 1.0 / scale
+
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    acc = _term(acc, a_ptr, w_ptr, K, sa_r, sa_k, sw_k, sw_c, rr, rc, r_ok, c_ok, inv,
+                BK, A_LAYOUT, W_LAYOUT, SCALE, ROUND_W, UPCAST, PREC, RNE_FIX)
+    if HAS_A2:
+        acc = _term(acc, a2_ptr, w2_ptr, K2, sa2_r, sa2_k, sw2_k, sw2_c, rr, rc, r_ok, c_ok, inv,
+                    BK, A_LAYOUT, W_LAYOUT, SCALE, ROUND_W, UPCAST, PREC, RNE_FIX)
     if SCALE:
         acc = acc * scale[None, :]
     if HAS_V:
         v = tl.load(v_base + tl.load(qp + 4) + rc, mask=c_ok, other=0.0)
         acc += v[None, :]
-    out_ptr = out_base + tl.load(qp + 5)
-    tl.store(out_ptr + rr[:, None] * so_r + rc[None, :] * so_c, _cast(acc, dt, RNE_FIX),
+    so_r = hint8(tl.load(pp + 12), ALIGN)
+    so_c = hint8(tl.load(pp + 13), ALIGN)
+    out_ptr = out_base + hint8(tl.load(qp + 5), ALIGN)
+    tl.store(out_ptr + tile_offsets(rr, rc, so_r, so_c, O_LAYOUT), _cast(acc, dt, RNE_FIX),
              mask=r_ok[:, None] & c_ok[None, :])

@@ -1,0 +1,26 @@
+"""Small ``@triton.jit`` helpers shared by the kernels: strided tile offsets with a
+compile-time unit stride (so the compiler can vectorize contiguous loads) and alignment hints."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def tile_offsets(r, c, s_r, s_c, LAYOUT: tl.constexpr):
+    """Element offsets ``r[:, None] * s_r + c[None, :] * s_c`` of a 2-D tile. ``LAYOUT`` 1: the
+    host saw ``s_r == 1`` for every problem of the launch; 2: ``s_c == 1``; 0: general."""
+    if LAYOUT == 1:
+        o = r[:, None] + c[None, :] * s_c
+    elif LAYOUT == 2:
+        o = r[:, None] * s_r + c[None, :]
+    else:
+        o = r[:, None] * s_r + c[None, :] * s_c
+    return o
+
+
+@triton.jit
+def hint8(x, ALIGN: tl.constexpr):
+    """With ``ALIGN`` the host checked that this size / stride / offset is a multiple of 8."""
+    if ALIGN:
+        x = tl.multiple_of(x, 8)
+    return x

@@ -6,12 +6,14 @@ turns ``d score / d Gram`` into the ``G`` of GUIDE §2; the op's backward does `
 
 Numerics and degenerate input (documented behaviour):
 
-* Grams are first divided by their trace (``||X||_F^2``): every metric is scale invariant, and
-  this keeps squares in range for activations from 1e-18 to 1e6 in fp32 accumulation.
-  Activations so small that ``x*x`` underflows fp32 (|x| below about 1e-19) read as zero.
+* Grams are first divided by their trace (``||X||_F^2``), held constant under autograd: every
+  metric is scale invariant (degree-0 homogeneous), so that is exact, and it keeps squares and
+  gradients in range. A representation with ``||X||_F^2 <= tiny/eps`` of the accumulation
+  dtype (``||X||_F`` below about 3e-16 in fp32, 1e-146 in fp64) counts as all-zero.
 * A representation is *degenerate* when its centered Gram is zero or below rounding:
   ``||Kc||_F <= 64 * eps(acc dtype) * ||K||_F`` (constant / dead-ReLU / all-zero activations,
-  or a common offset so large that centering leaves only rounding noise). A degenerate pair has
+  or a common offset so large that centering leaves only rounding noise); for Procrustes,
+  ``||Xc||_F^2 <= 64 * eps * ||X||_F^2``. A degenerate pair has
   CKA = 0 (guidance loss 1), debiased CKA = 0, Procrustes similarity 0 (squared distance 2),
   and a zero gradient. Values and gradients are finite for every input.
 """
@@ -33,14 +35,17 @@ def _trace(k: Tensor) -> Tensor:
     return k.diagonal(dim1=-2, dim2=-1).sum(-1)
 
 
-def _safe(v: Tensor) -> Tensor:
-    """``v`` where positive, else 1 (a denominator that never divides by zero)."""
-    return torch.where(v > 0, v, torch.ones_like(v))
+def _inv_scale(tr: Tensor) -> Tensor:
+    """``1 / tr`` as a constant (detached), or 0 where ``tr`` is at the underflow floor."""
+    tr = tr.detach()
+    fi = torch.finfo(tr.dtype)
+    ok = tr > fi.tiny / fi.eps
+    return torch.where(ok, 1 / torch.where(ok, tr, torch.ones_like(tr)), torch.zeros_like(tr))
 
 
 def normalize_gram(k: Tensor) -> Tensor:
-    """(..., n, n) PSD Gram divided by its trace (all-zero Grams stay zero)."""
-    return k / _safe(_trace(k))[..., None, None]
+    """(..., n, n) PSD Gram divided by its trace, the divisor held constant under autograd."""
+    return k * _inv_scale(_trace(k))[..., None, None]
 
 
 def center_gram(k: Tensor) -> Tensor:
@@ -94,11 +99,11 @@ def cka_from_cross(a: Tensor, b: Tensor, c: Tensor, sx: Tensor, sy: Tensor, n: i
     """Linear CKA from feature-space products: ``a = XᵀX`` (..., p, p), ``b = YᵀY`` (..., q, q),
     ``c = XᵀY`` (..., p, q), column sums ``sx`` (..., p), ``sy`` (..., q), ``n`` samples.
     Equals :func:`cka_from_grams` (``||Xcᵀ Yc||² = <Kc, Lc>``, ``||XcᵀXc|| = ||Kc||``)."""
-    tx, ty = _safe(_trace(a)), _safe(_trace(b))
-    rx, ry = torch.sqrt(tx), torch.sqrt(ty)
-    an, bn = a / tx[..., None, None], b / ty[..., None, None]
-    cn = c / (rx * ry)[..., None, None]
-    ux, uy = sx / rx[..., None], sy / ry[..., None]
+    ix, iy = _inv_scale(_trace(a)), _inv_scale(_trace(b))
+    rx, ry = torch.sqrt(ix), torch.sqrt(iy)
+    an, bn = a * ix[..., None, None], b * iy[..., None, None]
+    cn = c * (rx * ry)[..., None, None]
+    ux, uy = sx * rx[..., None], sy * ry[..., None]
     ac = an - ux[..., :, None] * ux[..., None, :] / n
     bc = bn - uy[..., :, None] * uy[..., None, :] / n
     cc = cn - ux[..., :, None] * uy[..., None, :] / n

@@ -1,0 +1,145 @@
+"""torch.library registration: opcheck, torch.compile(fullgraph=True), autocast, layouts."""
+
+import pytest
+import torch
+
+import guidance_kernels as gk
+from guidance_kernels import ops
+
+
+def _xy(n=8, p=6, q=4, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(n, p, generator=g, dtype=dtype, requires_grad=True),
+        torch.randn(n, q, generator=g, dtype=dtype, requires_grad=True),
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_opcheck_every_op(dtype):
+    x, y = _xy(dtype=dtype)
+    x2, _ = _xy(n=5, p=3, dtype=dtype, seed=1)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    m = torch.randn(8, 8, dtype=acc, requires_grad=True)
+    mp = torch.randn(6, 6, dtype=acc, requires_grad=True)
+    nq = torch.randn(4, 6, dtype=acc, requires_grad=True)
+    v = torch.randn(6, dtype=acc, requires_grad=True)
+    cases = [
+        (ops.gram, ([x, y, x2], "reference")),
+        (ops.gram_backward, ([m], [x], "reference")),
+        (ops.cross, ([x], [y], "reference")),
+        (ops.cross_backward, ([x], [mp], [y], [nq], [v], "reference")),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("metric", gk.METRICS)
+def test_compile_fullgraph_matches_eager(metric):
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(0)
+    xs = [
+        torch.randn(12, 3, 4, 4, generator=g, requires_grad=True),
+        torch.randn(12, 40, generator=g, requires_grad=True),
+        torch.randn(12, 2, generator=g, requires_grad=True),  # feature-space pair for "cka"
+    ]
+    ys = [torch.randn(12, 10, generator=g), torch.randn(12, 5, 3, generator=g), torch.randn(12, 3, generator=g)]
+
+    def f(xs, ys):
+        return gk.guidance_loss(xs, ys, metric=metric, weights=[1.0, 0.5, 2.0])
+
+    eager = f(xs, ys)
+    ge = torch.autograd.grad(eager, xs)
+    compiled = torch.compile(f, fullgraph=True)(xs, ys)
+    gc = torch.autograd.grad(compiled, xs)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    for a, b in zip(gc, ge):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_compiled_training_step_with_module():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    crit = gk.GuidanceLoss(metric="cka")
+    x = torch.randn(32, 10)
+    guide = torch.randn(32, 7)
+
+    def step(x):
+        h = net[1](net[0](x))
+        return net[2](h).square().mean() + crit([h], [guide])
+
+    loss = torch.compile(step, fullgraph=True)(x)
+    loss.backward()
+    assert torch.isfinite(net[0].weight.grad).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_activations_give_fp32_loss(dtype):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(20, 30)
+    x, guide = torch.randn(16, 20), torch.randn(16, 9)
+    with torch.autocast("cpu", dtype=dtype):
+        h = lin(x)
+        assert h.dtype == dtype
+        loss = gk.guidance_loss([h], [guide])
+    assert loss.dtype == torch.float32
+    loss.backward()
+    assert lin.weight.grad.dtype == torch.float32 and torch.isfinite(lin.weight.grad).all()
+    want = gk.guidance_loss([h.detach().double()], [guide.double()])
+    assert abs(float(loss.detach()) - float(want)) < 1e-2
+
+
+def test_non_contiguous_and_channels_last_inputs():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(10, 4, 5, 6, generator=g, dtype=torch.float64)
+    y = torch.randn(10, 7, generator=g, dtype=torch.float64)
+    want = gk.cka(x, y)
+    cl = x.to(memory_format=torch.channels_last).requires_grad_()
+    torch.testing.assert_close(gk.cka(cl, y), want, rtol=1e-12, atol=1e-12)
+    (gx,) = torch.autograd.grad(gk.cka(cl, y), (cl,))
+    assert gx.shape == cl.shape and torch.isfinite(gx).all()
+    t = torch.randn(7, 10, generator=g, dtype=torch.float64).T  # transposed view
+    torch.testing.assert_close(gk.cka(t, y), gk.cka(t.contiguous(), y), rtol=1e-12, atol=1e-12)
+    sl = torch.randn(10, 20, generator=g, dtype=torch.float64)[:, ::3]
+    torch.testing.assert_close(gk.cka(sl, y), gk.cka(sl.contiguous(), y), rtol=1e-12, atol=1e-12)
+
+
+def test_backend_argument_dispatch():
+    x, y = _xy()
+    a = gk.cka(x, y, backend="reference")
+    b = gk.cka(x, y, backend="auto")
+    torch.testing.assert_close(a, b)
+    assert gk.resolve_backend("auto", [x]) == "reference"
+    with pytest.raises(ValueError, match="unknown backend"):
+        gk.cka(x, y, backend="nope")
+
+
+def test_low_precision_reference_upcasts_in_blocks(monkeypatch):
+    """bf16 input is accumulated in fp32 one block at a time: same result with tiny blocks."""
+    from guidance_kernels.backends import reference
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(9, 50, generator=g).bfloat16()
+    y = torch.randn(9, 30, generator=g).bfloat16()
+    want = [t.float() for t in ops.gram([x, y], "reference")]
+    monkeypatch.setattr(reference, "_BLOCK_ELEMS", 9 * 7)
+    got = ops.gram([x, y], "reference")
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-5)
+    xx, yy = x.float() @ x.float().T, y.float() @ y.float().T
+    torch.testing.assert_close(got[0], xx, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(got[1], yy, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_no_host_sync_in_loss_forward_and_backward_on_cuda():
+    x = torch.randn(64, 100, device="cuda", requires_grad=True)
+    y = torch.randn(64, 30, device="cuda")
+    gk.guidance_loss([x], [y]).backward()  # warm-up (lazy imports, autotune)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for metric in ("cka", "debiased_cka"):
+            gk.guidance_loss([x], [y], metric=metric).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

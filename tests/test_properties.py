@@ -1,0 +1,74 @@
+"""Mathematical properties of the metrics (reference backend, fp64 unless stated)."""
+
+import pytest
+import torch
+
+import guidance_kernels as gk
+
+
+def _rand(*shape, seed=0, dtype=torch.float64):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def test_cka_of_a_representation_with_itself_is_one():
+    x = _rand(20, 3, 4)
+    assert abs(float(gk.cka(x, x)) - 1) < 1e-12
+    assert abs(float(gk.cka(x, x, debiased=True)) - 1) < 1e-12
+    assert abs(float(gk.procrustes(x, x))) < 1e-7
+    assert abs(float(gk.cka(x.float(), x.float())) - 1) < 1e-6
+
+
+@pytest.mark.parametrize("metric", gk.METRICS)
+def test_symmetry(metric):
+    x, y = _rand(15, 8, seed=1), _rand(15, 5, seed=2)
+    a = gk.pair_scores([x], [y], metric=metric)
+    b = gk.pair_scores([y], [x], metric=metric)
+    torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("metric", gk.METRICS)
+def test_invariant_to_orthogonal_transform_and_isotropic_scaling(metric):
+    x, y = _rand(18, 10, seed=3), _rand(18, 6, seed=4)
+    q = torch.linalg.qr(_rand(10, 10, seed=5))[0]
+    base = gk.pair_scores([x], [y], metric=metric)
+    moved = gk.pair_scores([3.7 * x @ q], [0.01 * y], metric=metric)
+    torch.testing.assert_close(base, moved, rtol=1e-8, atol=1e-8)
+
+
+def test_invariant_to_a_per_feature_offset():
+    x, y = _rand(18, 10, seed=6), _rand(18, 6, seed=7)
+    offset = _rand(1, 10, seed=8)
+    torch.testing.assert_close(gk.cka(x, y), gk.cka(x + offset, y), rtol=1e-9, atol=1e-9)
+
+
+def test_ranges():
+    for seed in range(20):
+        x, y = _rand(6, 4, seed=seed), _rand(6, 9, seed=seed + 100)
+        c = float(gk.cka(x, y))
+        d = float(gk.cka(x, y, debiased=True))
+        p = float(gk.procrustes(x, y))
+        a = float(gk.procrustes(x, y, angular=True))
+        assert 0 <= c <= 1 and -1 <= d <= 1 and 0 <= p <= 2 and 0 <= a <= torch.pi / 2
+
+
+@pytest.mark.parametrize("n,p,q", [(50, 3, 4), (5, 40, 30), (17, 17, 17)])
+def test_sample_and_feature_forms_agree(n, p, q):
+    x, y = _rand(n, p, seed=9, dtype=torch.float32), _rand(n, q, seed=10, dtype=torch.float32)
+    a = gk.pair_scores([x], [y], form="sample")
+    b = gk.pair_scores([x], [y], form="feature")
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_form_choice_follows_the_cost_model():
+    assert gk.choose_form(16384, 1024, 768) == "feature"
+    assert gk.choose_form(256, 200704, 2048) == "sample"
+    assert gk.choose_form(10, 3, 3) == "feature"  # 10*6 > 27
+
+
+def test_procrustes_bounds_cka_relation():
+    # ||Xnᵀ Yn||_* >= ||Xnᵀ Yn||_F = sqrt(CKA-numerator) / ...; so 1 - d²/2 >= CKA-ish lower bound
+    x, y = _rand(30, 12, seed=11), _rand(30, 7, seed=12)
+    nuc = 1 - float(gk.procrustes(x, y)) / 2
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    fro = float(torch.linalg.norm(xc.T @ yc) / (torch.linalg.norm(xc) * torch.linalg.norm(yc)))
+    assert nuc >= fro - 1e-12

@@ -88,8 +88,15 @@ def _why_unavailable(name: str, device: torch.device) -> Optional[str]:
 
 def resolve_backend(backend: str, tensors: Sequence[torch.Tensor]) -> str:
     """Pick the backend name for ``tensors`` (all on one device). ``"auto"`` picks, per device
-    type, the available backend with the lowest priority number (reference everywhere else)."""
+    type, the available backend with the lowest priority number (reference everywhere else).
+    Under ``torch.compile`` the answer is computed eagerly and baked in as a constant."""
     device = tensors[0].device if tensors else torch.device("cpu")
+    return _resolve(backend, device.type, device.index)
+
+
+@torch.compiler.assume_constant_result
+def _resolve(backend: str, device_type: str, index: Optional[int]) -> str:
+    device = torch.device(device_type, index) if index is not None else torch.device(device_type)
     if backend != "auto":
         why = _why_unavailable(backend, device)
         if why is not None:

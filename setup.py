@@ -164,7 +164,7 @@ def _cuda_extension():
         name=EXT_NAME,
         sources=SOURCES,
         include_dirs=[os.path.join(HERE, "csrc")],
-        extra_compile_args={"cxx": ["-O3", *after], "nvcc": nvcc_flags},
+        extra_compile_args={"cxx": ["-O3", "-g0", *after], "nvcc": nvcc_flags},
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 

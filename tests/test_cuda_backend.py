@@ -310,7 +310,8 @@ def _gpu_layers(dtype, seed=0):
         r(0, 7),
         r(40, 19).T,  # (19, 40), column stride 19
         r(21, 90)[:, ::3],  # (21, 30), column stride 3
-        r(50, 77)[3:40, 1:70],  # (37, 69), odd row stride 77, base offset by 1 element
+        r(50, 77)[3:40, 1:70],  # (37, 69), odd row stride 77 (scalar loads)
+        r(50, 80)[2:39, 1:70],  # (37, 69), row stride 80 but base not 16-byte aligned
         r(96, 70_001),  # many K splits (atomics)
     ]
 
@@ -358,7 +359,7 @@ def test_gpu_cross(dtype):
     g = torch.Generator(device="cuda").manual_seed(4)
     xs = [x for x in _gpu_layers(dtype, seed=3) if x.shape[1] < 5000]
     xs.append(torch.randn(5000, 70, device="cuda", generator=g).to(dtype))  # long n: split-K
-    ys = [_gpu_partner(x, q, dtype, g) for x, q in zip(xs, [3, 64, 65, 1, 130, 0, 33, 9, 200, 31, 7, 33])]
+    ys = [_gpu_partner(x, q, dtype, g) for x, q in zip(xs, [3, 64, 65, 1, 130, 0, 33, 9, 200, 31, 7, 5, 33])]
     outs = cb.cross(xs, ys)
     for i, (x, y) in enumerate(zip(xs, ys)):
         X, Y = fp64(x), fp64(y)
@@ -378,7 +379,7 @@ def test_gpu_cross(dtype):
 def test_gpu_cross_backward(dtype):
     g = torch.Generator(device="cuda").manual_seed(5)
     xs = [x for x in _gpu_layers(dtype, seed=6) if x.shape[1] < 5000]
-    ys = [_gpu_partner(x, q, dtype, g) for x, q in zip(xs, [3, 64, 65, 1, 130, 0, 33, 9, 200, 31, 7])]
+    ys = [_gpu_partner(x, q, dtype, g) for x, q in zip(xs, [3, 64, 65, 1, 130, 0, 33, 9, 200, 31, 7, 5])]
     f = lambda *s: torch.randn(*s, device="cuda", generator=g)  # noqa: E731
     ms = [f(x.shape[1], x.shape[1]) for x in xs]
     ns = [f(y.shape[1], x.shape[1]) for x, y in zip(xs, ys)]

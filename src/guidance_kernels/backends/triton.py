@@ -142,9 +142,9 @@ def _aw_cfg(max_c: int, wide: bool, device: torch.device):
     if device.type != "cuda":
         bn = t.aw_bn or max(16, min(64, _pow2(max_c)))
         return t.aw_bm or 32, bn, t.aw_bk or 32, 4, 1
-    bn = t.aw_bn or max(16, min(256, _pow2(max_c)))
-    bm = t.aw_bm or (64 if bn > 128 else 128)
-    bk = t.aw_bk or (32 if wide else 64)
+    bn = t.aw_bn or max(16, min(128, _pow2(max_c)))
+    bm = t.aw_bm or 128
+    bk = t.aw_bk or 32  # 128x32 A + 32x128 fp32 W tiles, 3 stages: 64 KiB shared memory
     return bm, bn, bk, t.num_warps or 8, t.num_stages or 3
 
 
@@ -287,12 +287,33 @@ def _atb_plan(static: tuple, wide: bool, device: torch.device) -> _AtbPlan:
     return _cache_put(key, plan)
 
 
+def _ptr_aligned(t: Optional[Tensor]) -> bool:
+    return t is None or t.data_ptr() % (8 * t.element_size()) == 0
+
+
 def _run_atb(problems: list[tuple]):
     """problems: ``(a, b, K, M, N, sa_k, sa_m, sb_k, sb_n, out, sym, cs)`` where ``a``/``b`` are
     the tensors whose storage A/B index (all ``a`` of one dtype, all ``b`` of one dtype),
-    ``out`` an fp32 ``(M, N)`` tensor and ``cs`` an fp32 ``(M,)`` tensor or ``None``."""
-    if not problems:
-        return
+    ``out`` an fp32 ``(M, N)`` tensor and ``cs`` an fp32 ``(M,)`` tensor or ``None``.
+
+    Problems are classed by memory layout and alignment (one launch per class: normally one);
+    a class whose unit strides and multiple-of-8 sizes/pointers are known at compile time gets
+    vectorized, asynchronous (cp.async) loads on the GPU, the general class scalar loads."""
+    classes: dict = {}
+    for pr in problems:
+        a, b, K, M, N, sak, sam, sbk, sbn = pr[:9]
+        a_lay, b_lay = _layout([(sam, sak)]), _layout([(sbk, sbn)])  # A tile is (M x K)
+        align = (
+            _aligned((K, M, N), _used_strides([(sam, sak)], a_lay), _used_strides([(sbk, sbn)], b_lay))
+            and _ptr_aligned(a)
+            and _ptr_aligned(b)
+        )
+        classes.setdefault((a_lay, b_lay, align), []).append(pr)
+    for (a_lay, b_lay, align), group in classes.items():
+        _launch_atb(group, a_lay, b_lay, align)
+
+
+def _launch_atb(problems: list[tuple], a_lay: int, b_lay: int, align: bool):
     a0, b0, out0 = problems[0][0], problems[0][1], problems[0][9]
     device = out0.device
     static = tuple(
@@ -313,16 +334,6 @@ def _run_atb(problems: list[tuple]):
     else:
         ws = out0  # never touched
     upcast, prec = _flags(a0.dtype, b0.dtype)
-    a_pairs = [(r[_atb.P_SAK], r[_atb.P_SAM]) for r in static]  # A is (K x M)
-    b_pairs = [(r[_atb.P_SBK], r[_atb.P_SBN]) for r in static]  # B is (K x N)
-    a_lay, b_lay = _layout([(m, k) for k, m in a_pairs]), _layout(b_pairs)  # A tile is (M x K)
-    align = _aligned(
-        (v for r in static for v in r[: _atb.P_SAK]),
-        _used_strides([(m, k) for k, m in a_pairs], a_lay),
-        _used_strides(b_pairs, b_lay),
-        a_off,
-        b_off,
-    )
     LAST_FLAGS["atb"] = dict(A_LAYOUT=a_lay, B_LAYOUT=b_lay, ALIGN=align, n_fin=plan.n_fin)
     with _launch_ctx(device):
         _atb.atb_kernel[(plan.n_items,)](
@@ -377,9 +388,30 @@ def _aw_plan(static: tuple, wide: bool, device: torch.device) -> _AwPlan:
 
 def _run_aw(problems: list[tuple], has_a2: bool, has_v: bool):
     """problems: ``(a, w, a2, w2, v, out, R, C, K, K2, sa_r, sa_k, sw_k, sw_c, sa2_r, sa2_k,
-    sw2_k, sw2_c, so_r, so_c)``; ``w``/``w2``/``v`` fp32, ``a2``/``w2``/``v`` may be None."""
-    if not problems:
-        return
+    sw2_k, sw2_c, so_r, so_c)``; ``w``/``w2``/``v`` fp32, ``a2``/``w2``/``v`` may be None.
+    Classed by layout and alignment like :func:`_run_atb` (one launch per class)."""
+    P = _aw
+    classes: dict = {}
+    for pr in problems:
+        r = tuple(int(v) for v in pr[6:])
+        a_pairs, w_pairs = [(r[P.P_SAR], r[P.P_SAK])], [(r[P.P_SWK], r[P.P_SWC])]
+        if has_a2:
+            a_pairs.append((r[P.P_SA2R], r[P.P_SA2K]))
+            w_pairs.append((r[P.P_SW2K], r[P.P_SW2C]))
+        o_pairs = [(r[P.P_SOR], r[P.P_SOC])]
+        lay = (_layout(a_pairs), _layout(w_pairs), _layout(o_pairs))
+        align = _aligned(
+            r[: P.P_SAR],
+            _used_strides(a_pairs, lay[0]),
+            _used_strides(w_pairs, lay[1]),
+            _used_strides(o_pairs, lay[2]),
+        ) and all(_ptr_aligned(t) for t in pr[:6])
+        classes.setdefault((*lay, align), []).append(pr)
+    for (a_lay, w_lay, o_lay, align), group in classes.items():
+        _launch_aw(group, has_a2, has_v, a_lay, w_lay, o_lay, align)
+
+
+def _launch_aw(problems, has_a2, has_v, a_lay, w_lay, o_lay, align):
     a0, w0, out0 = problems[0][0], problems[0][1], problems[0][5]
     a20 = problems[0][2] if has_a2 else a0
     w20 = problems[0][3] if has_a2 else w0
@@ -403,21 +435,6 @@ def _run_aw(problems: list[tuple], has_a2: bool, has_v: bool):
     upcast = upcast or (_interpreting() and a0.dtype == torch.bfloat16)
     # W is rounded to the activation dtype for the tensor-core dot only when A and A2 share it
     round_w = a0.dtype == a20.dtype and a0.dtype in _LOW
-    P = _aw
-    a_pairs = [(r[P.P_SAR], r[P.P_SAK]) for r in static]
-    w_pairs = [(r[P.P_SWK], r[P.P_SWC]) for r in static]
-    if has_a2:
-        a_pairs += [(r[P.P_SA2R], r[P.P_SA2K]) for r in static]
-        w_pairs += [(r[P.P_SW2K], r[P.P_SW2C]) for r in static]
-    o_pairs = [(r[P.P_SOR], r[P.P_SOC]) for r in static]
-    a_lay, w_lay, o_lay = _layout(a_pairs), _layout(w_pairs), _layout(o_pairs)
-    align = _aligned(
-        (v for r in static for v in r[: P.P_SAR]),
-        _used_strides(a_pairs, a_lay),
-        _used_strides(w_pairs, w_lay),
-        _used_strides(o_pairs, o_lay),
-        *(c for j, c in enumerate(cols) if j != P.Q_V),
-    )
     LAST_FLAGS["aw"] = dict(A_LAYOUT=a_lay, W_LAYOUT=w_lay, O_LAYOUT=o_lay, ALIGN=align)
     with _launch_ctx(device):
         _aw.aw_kernel[(plan.n_tiles,)](

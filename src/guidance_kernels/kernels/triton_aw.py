@@ -24,7 +24,7 @@ fp32 accumulator back.
 import triton
 import triton.language as tl
 
-from guidance_kernels.kernels.triton_util import hint8, tile_offsets
+from guidance_kernels.kernels.triton_util import tile_offsets
 
 P_R, P_C, P_K, P_K2, P_SAR, P_SAK, P_SWK, P_SWC, P_SA2R, P_SA2K, P_SW2K, P_SW2C, P_SOR, P_SOC = range(14)
 _PF = 14
@@ -100,15 +100,27 @@ def aw_kernel(
     tc = tl.load(tile_ptr + pid * 3 + 2)
     pp = prob_ptr + prob * 14
     qp = ptr_ptr + prob * 6
-    R = hint8(tl.load(pp + 0), ALIGN)
-    C = hint8(tl.load(pp + 1), ALIGN)
-    K = hint8(tl.load(pp + 2), ALIGN)
-    sa_r = hint8(tl.load(pp + 4), ALIGN)
-    sa_k = hint8(tl.load(pp + 5), ALIGN)
-    sw_k = hint8(tl.load(pp + 6), ALIGN)
-    sw_c = hint8(tl.load(pp + 7), ALIGN)
-    a_ptr = a_base + hint8(tl.load(qp + 0), ALIGN)
-    w_ptr = w_base + hint8(tl.load(qp + 1), ALIGN)
+    R = tl.load(pp + 0)
+    C = tl.load(pp + 1)
+    K = tl.load(pp + 2)
+    sa_r = tl.load(pp + 4)
+    sa_k = tl.load(pp + 5)
+    sw_k = tl.load(pp + 6)
+    sw_c = tl.load(pp + 7)
+    a_off = tl.load(qp + 0)
+    w_off = tl.load(qp + 1)
+    if ALIGN:  # hints written here, not in a helper: the inliner drops callee arg attributes
+        R = tl.multiple_of(R, 8)
+        C = tl.multiple_of(C, 8)
+        K = tl.multiple_of(K, 8)
+        sa_r = tl.multiple_of(sa_r, 8)
+        sa_k = tl.multiple_of(sa_k, 8)
+        sw_k = tl.multiple_of(sw_k, 8)
+        sw_c = tl.multiple_of(sw_c, 8)
+        a_off = tl.multiple_of(a_off, 8)
+        w_off = tl.multiple_of(w_off, 8)
+    a_ptr = a_base + a_off
+    w_ptr = w_base + w_off
 
     rr = tr * BM + tl.arange(0, BM)
     rc = tc * BN + tl.arange(0, BN)
@@ -117,13 +129,23 @@ def aw_kernel(
     dt = a_base.dtype.element_ty
 
     if HAS_A2:
-        K2 = hint8(tl.load(pp + 3), ALIGN)
-        sa2_r = hint8(tl.load(pp + 8), ALIGN)
-        sa2_k = hint8(tl.load(pp + 9), ALIGN)
-        sw2_k = hint8(tl.load(pp + 10), ALIGN)
-        sw2_c = hint8(tl.load(pp + 11), ALIGN)
-        a2_ptr = a2_base + hint8(tl.load(qp + 2), ALIGN)
-        w2_ptr = w2_base + hint8(tl.load(qp + 3), ALIGN)
+        K2 = tl.load(pp + 3)
+        sa2_r = tl.load(pp + 8)
+        sa2_k = tl.load(pp + 9)
+        sw2_k = tl.load(pp + 10)
+        sw2_c = tl.load(pp + 11)
+        a2_off = tl.load(qp + 2)
+        w2_off = tl.load(qp + 3)
+        if ALIGN:
+            K2 = tl.multiple_of(K2, 8)
+            sa2_r = tl.multiple_of(sa2_r, 8)
+            sa2_k = tl.multiple_of(sa2_k, 8)
+            sw2_k = tl.multiple_of(sw2_k, 8)
+            sw2_c = tl.multiple_of(sw2_c, 8)
+            a2_off = tl.multiple_of(a2_off, 8)
+            w2_off = tl.multiple_of(w2_off, 8)
+        a2_ptr = a2_base + a2_off
+        w2_ptr = w2_base + w2_off
 
     # per-column scale of W (and W2), fp16 only
     scale = tl.full((BN,), 1.0, dtype=tl.float32)
@@ -144,10 +166,18 @@ def aw_kernel(
     if SCALE:
         acc = acc * scale[None, :]
     if HAS_V:
-        v = tl.load(v_base + tl.load(qp + 4) + rc, mask=c_ok, other=0.0)
+        v_off = tl.load(qp + 4)
+        if ALIGN:
+            v_off = tl.multiple_of(v_off, 8)
+        v = tl.load(v_base + v_off + rc, mask=c_ok, other=0.0)
         acc += v[None, :]
-    so_r = hint8(tl.load(pp + 12), ALIGN)
-    so_c = hint8(tl.load(pp + 13), ALIGN)
-    out_ptr = out_base + hint8(tl.load(qp + 5), ALIGN)
+    so_r = tl.load(pp + 12)
+    so_c = tl.load(pp + 13)
+    o_off = tl.load(qp + 5)
+    if ALIGN:
+        so_r = tl.multiple_of(so_r, 8)
+        so_c = tl.multiple_of(so_c, 8)
+        o_off = tl.multiple_of(o_off, 8)
+    out_ptr = out_base + o_off
     tl.store(out_ptr + tile_offsets(rr, rc, so_r, so_c, O_LAYOUT), _cast(acc, dt, RNE_FIX),
              mask=r_ok[:, None] & c_ok[None, :])

@@ -20,6 +20,7 @@ COMMANDS = {
     "demo": "demo",
     "check": "check",
     "bench": "bench",
+    "similarity": "similarity",
 }
 
 for _name, _module in COMMANDS.items():

@@ -1,11 +1,10 @@
-"""Labeled CKA heatmaps (matplotlib, Agg backend: no display needed)."""
+"""Labeled CKA heatmaps, drawn on a bare ``matplotlib.figure.Figure`` (no pyplot, no display, the
+global backend is left alone)."""
 
 from __future__ import annotations
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.patches  # noqa: E402
+import matplotlib.patches
+from matplotlib.figure import Figure
 
 from typing import Optional, Sequence
 
@@ -83,12 +82,11 @@ def plot_heatmap(
     """Write a heatmap of ``matrix`` (rows: layers of A, bottom = first; columns: layers of B)
     to ``path``. ``mapping``: (row, col) cells to outline (e.g. the trainer's layer pairs).
     ``vmin`` defaults to 0 (or the minimum when the unbiased estimate goes below 0)."""
-    import matplotlib.pyplot as plt
-
     m = np.asarray(matrix, dtype=float)
     if vmin is None:
         vmin = min(0.0, float(np.floor(m.min() * 10) / 10))
-    fig, ax = plt.subplots(figsize=_size(*m.shape))
+    fig = Figure(figsize=_size(*m.shape))
+    ax = fig.subplots()
     im = _draw(ax, m, rows, cols, title or f"linear CKA (minibatch, unbiased): {name_a} vs {name_b}",
                vmin=vmin, vmax=vmax, cmap=cmap, mapping=mapping, annotate=annotate)
     ax.set_xlabel(f"{name_b} layers", fontsize=10)
@@ -96,20 +94,18 @@ def plot_heatmap(
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03, label="CKA")
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)
-    plt.close(fig)
     return path
 
 
 def plot_before_after(before, after, rows, cols, path, *, name_a="guide", name_b="target",
                       mapping=None, title: str = "", dpi: int = 110) -> str:
     """Three panels: CKA before, after a guided run, and the change (after - before)."""
-    import matplotlib.pyplot as plt
-
     b, a = np.asarray(before, float), np.asarray(after, float)
     d = a - b
     vmin = min(0.0, float(np.floor(min(b.min(), a.min()) * 10) / 10))
     w, h = _size(*b.shape, panels=3)
-    fig, axes = plt.subplots(1, 3, figsize=(min(w, 30), h))
+    fig = Figure(figsize=(min(w, 30), h))
+    axes = fig.subplots(1, 3)
     for ax, m, t, kw in (
         (axes[0], b, "before guided training", dict(vmin=vmin, vmax=1.0, cmap="magma")),
         (axes[1], a, "after guided training", dict(vmin=vmin, vmax=1.0, cmap="magma")),
@@ -124,5 +120,4 @@ def plot_before_after(before, after, rows, cols, path, *, name_a="guide", name_b
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)
-    plt.close(fig)
     return path

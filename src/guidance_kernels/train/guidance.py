@@ -24,7 +24,6 @@ the target) and computes the exact loss over the global batch.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Callable, Optional, Sequence
 
 import torch

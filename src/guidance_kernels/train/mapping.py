@@ -14,7 +14,7 @@ order, pass names or an explicit mapping.
 Mapping (:func:`map_layers`), with ``G`` guide layers and ``T`` target layers:
 
 * even spread by depth: guide layer ``i`` → target layer ``floor(i*(T-1)/(G-1) + 1/2)`` (round
-  half up; Python's ``round`` rounds half to even and can make two guide layers collide);
+  half up, so ties do not depend on parity as with Python's ``round``);
   ``G == 1`` maps the one guide layer to the deepest target layer.
 * ``G <= T``: every guide layer gets its own target layer (one-to-one, the step is >= 1).
 * ``G > T`` (guide deeper): several guide layers land on the same target layer. The paper's code

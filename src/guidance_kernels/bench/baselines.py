@@ -1,0 +1,356 @@
+"""Every implementation the bench times, in ONE place, plus the fp64 truth they are checked against.
+
+An implementation computes the guidance loss ``sum_l (1 - CKA(X_l, Y_l))`` of a workload's pairs
+(activations ``(n, *shape)``, flattened per sample) and returns a 0-dim tensor:
+
+* ``gk:<backend>``: this package, ``guidance_kernels.guidance_loss(..., backend=<backend>)``,
+  one row per backend available on the device.
+* ``eager``: a per-layer PyTorch loop of the same math: cast to fp32, centre the columns (a
+  centred copy per layer), the cheaper of the sample / feature forms per pair (GUIDE §2).
+* ``torch.compile``: the same functions through ``torch.compile`` (scope ``pair``: each per-pair
+  function compiled once with dynamic shapes; scope ``loss``: the whole loop, per workload).
+* ``paper``: the paper code's formulation: fp32, six Gram matrices per pair and an explicit
+  ``H K H`` with a materialised ``n x n`` centring matrix.
+* peers from PyPI, forward only: ``ckatorch`` (``cka_base``, fp64 internally, biased CKA),
+  ``pytorch-cka`` (``cka.cka_from_features``, debiased CKA, clamped to [0, 1]) and ``torch-cka``
+  (``torch_cka.CKA(...).compare``, debiased CKA, model + data-loader API). Peers are given fp32
+  copies where they cannot take bf16 (the cast is inside the timed call).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from guidance_kernels.bench.workloads import Workload, choose_form
+
+LossFn = Callable[[list[Tensor], list[Tensor]], Tensor]
+
+
+# =========================================================================== fp64 truth
+def _flat64(t: Tensor) -> Tensor:
+    return t.flatten(1).double()
+
+
+def _cka64(x: Tensor, y: Tensor) -> Tensor:
+    n, p = x.shape
+    q = y.shape[1]
+    x = x - x.mean(0)
+    y = y - y.mean(0)
+    if choose_form(n, p, q) == "feature":
+        s = (x.T @ y).square().sum()
+        a = torch.linalg.matrix_norm(x.T @ x)
+        b = torch.linalg.matrix_norm(y.T @ y)
+    else:
+        k, l_ = x @ x.T, y @ y.T
+        s = (k * l_).sum()
+        a, b = torch.linalg.matrix_norm(k), torch.linalg.matrix_norm(l_)
+    return s / (a * b)
+
+
+def _hsic_u64(k: Tensor, l_: Tensor) -> Tensor:
+    """Debiased HSIC (Song et al. 2012), GUIDE §2, fp64."""
+    n = k.shape[0]
+    k = k - torch.diag(torch.diagonal(k))
+    l_ = l_ - torch.diag(torch.diagonal(l_))
+    kl = k @ l_
+    return (
+        torch.trace(kl) + k.sum() * l_.sum() / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * kl.sum()
+    ) / (n * (n - 3))
+
+
+def _debiased_cka64(x: Tensor, y: Tensor) -> Tensor:
+    k, l_ = x @ x.T, y @ y.T
+    return _hsic_u64(k, l_) / torch.sqrt(_hsic_u64(k, k) * _hsic_u64(l_, l_))
+
+
+def truth(
+    xs: list[Tensor], ys: list[Tensor], metric: str = "cka", grad: bool = False
+) -> tuple[float, Optional[list[Tensor]]]:
+    """fp64 loss ``sum (1 - score)`` on the same inputs and, if ``grad``, fp64 d loss / d xs."""
+    f = _cka64 if metric == "cka" else _debiased_cka64
+    total = 0.0
+    grads = [] if grad else None
+    for x, y in zip(xs, ys):
+        x64 = _flat64(x.detach()).requires_grad_(grad)
+        with torch.enable_grad() if grad else torch.no_grad():
+            v = 1.0 - f(x64, _flat64(y.detach()))
+        total += float(v)
+        if grad:
+            (g,) = torch.autograd.grad(v, x64)
+            grads.append(g.reshape(x.shape))
+    return total, grads
+
+
+# =========================================================================== eager / compile
+def _flat32(t: Tensor) -> Tensor:
+    return t.flatten(1).float()
+
+
+def cka_sample(x: Tensor, y: Tensor) -> Tensor:
+    """Eager sample-space CKA: fp32 copies, centred copies, two Grams."""
+    x, y = _flat32(x), _flat32(y)
+    x = x - x.mean(0, keepdim=True)
+    y = y - y.mean(0, keepdim=True)
+    k = x @ x.T
+    l_ = y @ y.T
+    return (k * l_).sum() / (torch.linalg.matrix_norm(k) * torch.linalg.matrix_norm(l_))
+
+
+def cka_feature(x: Tensor, y: Tensor) -> Tensor:
+    """Eager feature-space CKA: fp32 copies, centred copies, three cross-covariances."""
+    x, y = _flat32(x), _flat32(y)
+    x = x - x.mean(0, keepdim=True)
+    y = y - y.mean(0, keepdim=True)
+    s = (x.T @ y).square().sum()
+    return s / (torch.linalg.matrix_norm(x.T @ x) * torch.linalg.matrix_norm(y.T @ y))
+
+
+def _pair_form(x: Tensor, y: Tensor) -> str:
+    return choose_form(x.shape[0], x[0].numel(), y[0].numel())
+
+
+def eager_loss(xs: list[Tensor], ys: list[Tensor], sample=cka_sample, feature=cka_feature) -> Tensor:
+    total = xs[0].new_zeros((), dtype=torch.float32)
+    for x, y in zip(xs, ys):
+        f = feature if _pair_form(x, y) == "feature" else sample
+        total = total + (1.0 - f(x, y))
+    return total
+
+
+class _CompiledPair:
+    """Per-pair functions compiled once each, with dynamic shapes (shared by all workloads)."""
+
+    sample = None
+    feature = None
+
+    @classmethod
+    def get(cls):
+        if cls.sample is None:
+            cls.sample = torch.compile(cka_sample, dynamic=True)
+            cls.feature = torch.compile(cka_feature, dynamic=True)
+        return cls.sample, cls.feature
+
+
+def compiled_loss(scope: str) -> LossFn:
+    if scope == "pair":
+        s, f = _CompiledPair.get()
+        return lambda xs, ys: eager_loss(xs, ys, sample=s, feature=f)
+    # scope == "loss": the whole loop traced, a fresh compiled function per workload
+    return torch.compile(eager_loss, dynamic=False)
+
+
+# =========================================================================== paper formulation
+def _paper_centering(k: Tensor) -> Tensor:
+    n = k.shape[0]
+    unit = torch.ones(n, n, device=k.device, dtype=k.dtype)
+    eye = torch.eye(n, device=k.device, dtype=k.dtype)
+    h = eye - unit / n
+    return torch.matmul(torch.matmul(h, k), h)
+
+
+def _paper_linear_hsic(x: Tensor, y: Tensor) -> Tensor:
+    l_x = torch.matmul(x, x.T)
+    l_y = torch.matmul(y, y.T)
+    return torch.sum(_paper_centering(l_x) * _paper_centering(l_y))
+
+
+def paper_cka(x: Tensor, y: Tensor) -> Tensor:
+    """The paper code's linear CKA: three HSICs -> six Grams and six ``H K H`` products, fp32."""
+    x, y = _flat32(x), _flat32(y)
+    hsic = _paper_linear_hsic(x, y)
+    var1 = torch.sqrt(_paper_linear_hsic(x, x))
+    var2 = torch.sqrt(_paper_linear_hsic(y, y))
+    return hsic / (var1 * var2)
+
+
+def paper_loss(xs: list[Tensor], ys: list[Tensor]) -> Tensor:
+    total = xs[0].new_zeros((), dtype=torch.float32)
+    for x, y in zip(xs, ys):
+        total = total + (1.0 - paper_cka(x, y))
+    return total
+
+
+# =========================================================================== peers
+def _ckatorch_loss(xs, ys):
+    import ckatorch
+
+    total = 0.0
+    for x, y in zip(xs, ys):
+        total = total + (1.0 - ckatorch.cka_base(x.flatten(1), y.flatten(1)))
+    return torch.as_tensor(total)
+
+
+def _pytorch_cka_loss(xs, ys):
+    import cka  # the module of the pytorch-cka distribution
+
+    total = 0.0
+    for x, y in zip(xs, ys):
+        total = total + (1.0 - cka.cka_from_features(_flat32(x), _flat32(y))[0, 0])
+    return torch.as_tensor(total)
+
+
+class _Emit(torch.nn.Module):
+    """A 'model' whose layer ``f`` outputs a stored activation (torch-cka only takes models)."""
+
+    def __init__(self, act: Tensor):
+        super().__init__()
+        self.act = act
+        self.f = torch.nn.Identity()
+
+    def forward(self, _):
+        return self.f(self.act)
+
+
+class _OneBatch:
+    def __init__(self, batch):
+        self.dataset = "bench-activations"
+        self._batch = batch
+
+    def __len__(self):
+        return 1
+
+    def __iter__(self):
+        return iter([self._batch])
+
+
+def _torch_cka_loss(xs, ys):
+    import contextlib
+    import io
+    import warnings
+
+    from torch_cka import CKA
+
+    total = 0.0
+    dev = str(xs[0].device)
+    loader = _OneBatch((torch.zeros(1, device=xs[0].device),))
+    # torch-cka draws a tqdm bar per compare(): silence it (stderr) and its warnings.
+    with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        for x, y in zip(xs, ys):
+            m = CKA(_Emit(_flat32(x)), _Emit(_flat32(y)), "target", "guide", ["f"], ["f"], device=dev)
+            m.compare(loader, loader)
+            total += 1.0 - float(m.hsic_matrix[0, 0])
+    return torch.tensor(total)
+
+
+# =========================================================================== registry
+@dataclasses.dataclass
+class Impl:
+    name: str
+    kind: str  # "ours" | "baseline" | "peer"
+    metric: str  # "cka" | "debiased_cka": which fp64 truth it is checked against
+    differentiable: bool
+    make: Callable[[Workload, dict], LossFn]  # (workload, options) -> loss function
+    why_unavailable: Callable[[torch.device], Optional[str]] = lambda device: None
+    # estimated flops of one forward call, to skip calls that would take far too long
+    est_flops: Optional[Callable[[Workload], float]] = None
+    package: Optional[str] = None  # PyPI name for peers
+    note: str = ""
+
+
+def _gk_impl(backend: str) -> Impl:
+    def why(device: torch.device) -> Optional[str]:
+        try:
+            import guidance_kernels as gk  # noqa: F401
+            from guidance_kernels.backends import get_backend
+
+            if not hasattr(gk, "guidance_loss"):
+                return "guidance_kernels.guidance_loss is not there yet"
+            reason = get_backend(backend).available(device)
+        except Exception as e:  # noqa: BLE001 - a missing toolchain is a reason, not a crash
+            return f"{type(e).__name__}: {e}"
+        if reason is None and backend == "triton" and device.type == "cpu":
+            return "Triton on CPU runs only in the interpreter: not a performance path"
+        return reason
+
+    def make(w: Workload, opts: dict) -> LossFn:
+        import guidance_kernels as gk
+
+        return lambda xs, ys: gk.guidance_loss(xs, ys, metric="cka", backend=backend)
+
+    return Impl(f"gk:{backend}", "ours", "cka", True, make, why, note=f"guidance_loss(backend={backend!r})")
+
+
+def _n3_flops(w: Workload, grams: int, n3: int) -> float:
+    return sum(2.0 * n * n * (p + q) * grams / 2 + 2.0 * n**3 * n3 for n, p, q in w.dims())
+
+
+def _peer(name: str, module: str, metric: str, fn: LossFn, est, note: str, attr: str) -> Impl:
+    def why(device: torch.device) -> Optional[str]:
+        if importlib.util.find_spec(module) is None:
+            return f"not installed (pip install {name})"
+        try:
+            mod = importlib.import_module(module)
+        except Exception as e:  # noqa: BLE001
+            return f"import failed: {type(e).__name__}: {e}"
+        if not hasattr(mod, attr):
+            return f"module {module!r} has no {attr!r}: not the {name} distribution"
+        return None
+
+    return Impl(name, "peer", metric, False, lambda w, o: fn, why, est, package=name, note=note)
+
+
+def implementations(backends: Optional[list[str]] = None) -> list[Impl]:
+    """All implementations, in report order. ``backends``: this package's backends to include."""
+    if backends is None:
+        try:
+            from guidance_kernels.backends import list_backends
+
+            backends = list_backends()
+        except Exception:  # noqa: BLE001
+            backends = ["reference"]
+    impls = [_gk_impl(b) for b in backends]
+    impls += [
+        Impl("eager", "baseline", "cka", True, lambda w, o: eager_loss, note="per-layer PyTorch loop, fp32"),
+        Impl(
+            "torch.compile",
+            "baseline",
+            "cka",
+            True,
+            lambda w, o: compiled_loss(o.get("compile_scope", "pair")),
+            note="torch.compile of the eager math",
+        ),
+        Impl(
+            "paper",
+            "baseline",
+            "cka",
+            True,
+            lambda w, o: paper_loss,
+            est_flops=lambda w: _n3_flops(w, grams=6, n3=12),
+            note="six Grams + explicit H K H per pair, fp32",
+        ),
+        _peer("ckatorch", "ckatorch", "cka", _ckatorch_loss, lambda w: _n3_flops(w, 2, 0),
+              "ckatorch.cka_base per pair (fp64 inside)", "cka_base"),
+        _peer("pytorch-cka", "cka", "debiased_cka", _pytorch_cka_loss, lambda w: _n3_flops(w, 2, 0),
+              "cka.cka_from_features per pair (debiased)", "cka_from_features"),
+        _peer("torch-cka", "torch_cka", "debiased_cka", _torch_cka_loss, lambda w: _n3_flops(w, 3, 3),
+              "torch_cka.CKA.compare per pair (debiased)", "CKA"),
+    ]  # fmt: skip
+    return impls
+
+
+def est_seconds(impl: Impl, w: Workload, matmul_flops_per_s: float) -> float:
+    """Rough time of one forward call from its flop count and the measured matmul rate."""
+    if impl.est_flops is None:
+        return 0.0
+    return impl.est_flops(w) / max(matmul_flops_per_s, 1.0)
+
+
+__all__ = [
+    "Impl",
+    "implementations",
+    "truth",
+    "eager_loss",
+    "compiled_loss",
+    "paper_loss",
+    "paper_cka",
+    "cka_sample",
+    "cka_feature",
+    "est_seconds",
+]

@@ -1,0 +1,57 @@
+"""``guidance-kernels bench``: time the canonical workloads for every available implementation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+
+def command(
+    workloads: Optional[List[str]] = typer.Option(
+        None, "--workload", "-w", help="Workload name or W1..W5; repeat for several (default: all)."
+    ),
+    device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
+    dtype: str = typer.Option("bf16", help="Activation dtype: bf16, fp16, fp32, fp64."),
+    quick: bool = typer.Option(False, "--quick", help="Scaled-down shapes and short timing (about a minute on a 2-core CPU)."),
+    scale: Optional[float] = typer.Option(None, help="Shape scale (overrides --quick's 0.125)."),
+    impl: Optional[List[str]] = typer.Option(None, "--impl", "-i", help="Only these implementations (repeatable)."),
+    mode: Optional[List[str]] = typer.Option(None, "--mode", "-m", help="fwd and/or fwd+bwd (default both)."),
+    budget: Optional[float] = typer.Option(None, help="Seconds of timing per (workload, implementation, mode)."),
+    max_call_s: Optional[float] = typer.Option(None, help="Skip implementations estimated slower than this per call."),
+    compile_scope: Optional[str] = typer.Option(None, help="torch.compile scope: pair (per-pair function) or loss."),
+    e2e: bool = typer.Option(True, "--e2e/--no-e2e", help="Also time one guided training step."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="JSON path; the CSV and PNG go beside it."),
+    markdown: bool = typer.Option(False, "--markdown", help="Also print the table as Markdown."),
+) -> None:
+    """Bench W1-W5 against eager, torch.compile, the paper's formulation and peers (% of floor)."""
+    from guidance_kernels.bench import report
+    from guidance_kernels.bench.runner import DTYPES, MODES, BenchConfig, run_bench
+
+    if dtype not in DTYPES:
+        raise typer.BadParameter(f"dtype must be one of {list(DTYPES)}")
+    modes = tuple(mode) if mode else MODES
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        raise typer.BadParameter(f"mode must be among {MODES}, got {bad}")
+    cfg = BenchConfig(
+        workloads=list(workloads) if workloads else None,
+        device=device,
+        dtype=dtype,
+        quick=quick,
+        scale=scale,
+        impls=list(impl) if impl else None,
+        modes=modes,
+        budget_s=budget,
+        max_call_s=max_call_s,
+        compile_scope=compile_scope,
+        e2e=e2e,
+    )
+    result = run_bench(cfg, log=lambda s: typer.echo(s, err=True))
+    report.print_table(result)
+    if markdown:
+        typer.echo(report.markdown_table(result))
+    if out is not None:
+        for p in report.write_all(result, out):
+            typer.echo(f"wrote {p}", err=True)

@@ -161,6 +161,8 @@ def test_mixed_and_fp64_dtypes():
 
 def test_edge_cases():
     assert tb.gram([]) == [] and tb.gram_backward([], []) == []
+    empty = tb.gram([torch.randn(0, 5).to(DEV), torch.randn(3, 0).to(DEV)])
+    assert empty[0].shape == (0, 0) and torch.equal(empty[1], torch.zeros(3, 3, device=DEV))
     x = torch.randn(2, 1).to(DEV)
     (k,) = tb.gram([x])
     assert rel(k, fp64(x) @ fp64(x).T) <= 1e-6
@@ -290,6 +292,72 @@ def test_compile_fullgraph():
     wx = torch.autograd.grad(want, xs)
     assert rel(got, want) <= 1e-5
     assert max(rel(a, b) for a, b in zip(gx, wx)) <= 1e-4
+
+
+# --------------------------------------------------------------------------- GPU code, no GPU
+_COMPILE_SCRIPT = r"""
+import collections, json, re, sys
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from guidance_kernels.backends import triton as tb
+from guidance_kernels.kernels import triton_atb as A, triton_aw as W
+
+tb._SM_COUNT[0] = 132
+cuda = torch.device("cuda", 0)
+target = GPUTarget("cuda", 90, 32)
+out = {}
+
+def build(fn, sig, consts, warps, stages, name):
+    attrs = {(i,): [["tt.divisibility", 16]] for i, v in enumerate(sig.values()) if v.startswith("*")}
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs), target=target,
+                       options=dict(num_warps=warps, num_stages=stages))
+    ptx = k.asm["ptx"]
+    out[name] = dict(shared=k.metadata.shared, wgmma=ptx.count("wgmma.mma_async"),
+                     cp_async16=len(re.findall(r"cp\.async\.cg\.shared\.global[^;]*, 0x10", ptx)),
+                     scalar16=ptx.count("ld.global.b16"))
+
+ptr = lambda names, t: {n: t for n in names}
+for dt, wide in [("bf16", False)]:
+    block, bk, _t, _c, warps, stages = tb._atb_cfg(256, wide, cuda)
+    sig = {**ptr(["a_base", "b_base"], "*" + dt), **ptr(["out_base", "cs_base", "ws_ptr"], "*fp32"),
+           **ptr(["prob_ptr", "ptr_ptr", "tile_ptr", "item_ptr"], "*i64")}
+    for name, la, lb in [("gram", 2, 1), ("cross", 1, 2)]:
+        c = dict(BM=block, BN=block, BK=bk, UPCAST=False, PREC="tf32", A_LAYOUT=la, B_LAYOUT=lb, ALIGN=True)
+        build(A.atb_kernel, {**sig, **ptr(c, "constexpr")}, c, warps, stages, f"atb_{name}_{dt}")
+    bm, bn, bk, warps, stages = tb._aw_cfg(256, wide, cuda)
+    sig = {**ptr(["a_base", "a2_base", "out_base"], "*" + dt), **ptr(["w_base", "w2_base", "v_base"], "*fp32"),
+           **ptr(["prob_ptr", "ptr_ptr", "tile_ptr"], "*i64")}
+    for name, a2, lay in [("gram_backward", False, 1), ("cross_backward", True, 2)]:
+        c = dict(BM=bm, BN=bn, BK=bk, HAS_A2=a2, HAS_V=a2, SCALE=False, ROUND_W=True, UPCAST=False,
+                 PREC="tf32", RNE_FIX=False, A_LAYOUT=lay, W_LAYOUT=lay, O_LAYOUT=lay, ALIGN=True)
+        build(W.aw_kernel, {**sig, **ptr(c, "constexpr")}, c, warps, stages, f"aw_{name}_{dt}")
+print("RESULT" + json.dumps(out))
+"""
+
+
+def test_kernels_compile_for_hopper():
+    """No GPU needed: compile the production configurations (bf16, aligned contiguous fast path)
+    for sm_90 and check what the interpreter cannot: they compile, use wgmma tensor-core MMAs,
+    16-byte asynchronous loads (cp.async, i.e. the layout/alignment hints work), no scalar
+    2-byte loads, and fit in shared memory."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from triton.backends import backends
+
+    if "nvidia" not in backends:
+        pytest.skip("triton has no nvidia backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout.split("RESULT", 1)[1])
+    assert set(res) == {"atb_gram_bf16", "atb_cross_bf16", "aw_gram_backward_bf16", "aw_cross_backward_bf16"}
+    for name, m in res.items():
+        assert m["wgmma"] > 0 and m["cp_async16"] > 0 and m["scalar16"] == 0, (name, m)
+        assert m["shared"] <= 160 * 1024, (name, m)
 
 
 # --------------------------------------------------------------------------- GPU: W1-W5

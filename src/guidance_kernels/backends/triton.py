@@ -160,8 +160,10 @@ def _offsets(tensors: list[Tensor], base: Tensor) -> list[int]:
     return out
 
 
-def _device_table(rows: list[list[int]], device: torch.device) -> Tensor:
-    t = torch.tensor(rows, dtype=torch.int64).reshape(len(rows), -1)
+def _device_table(rows: list[list[int]], device: torch.device, width: int) -> Tensor:
+    """int64 table on ``device`` without a device sync: a pageable host->device copy
+    synchronizes the stream, so CUDA tables go through pinned memory, ``non_blocking``."""
+    t = torch.tensor(rows, dtype=torch.int64).reshape(len(rows), width)
     if device.type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
@@ -270,12 +272,11 @@ def _atb_plan(static: tuple, wide: bool, device: torch.device) -> _AtbPlan:
             k0, k1 = s * chunk * bk, min(K, (s + 1) * chunk * bk)
             for t in range(first, len(tiles)):
                 items.append([t, k0, k1])
-    cpu = lambda rows, w: torch.tensor(rows, dtype=torch.int64).reshape(len(rows), w)  # noqa: E731
     plan = _AtbPlan(
-        prob=cpu(list(static), _atb._PF).to(device),
-        tiles=cpu(tiles, _atb._TF).to(device),
-        items=cpu(items, _atb._IF).to(device),
-        fin=torch.tensor(fin, dtype=torch.int64).to(device) if fin else None,
+        prob=_device_table([list(r) for r in static], device, _atb._PF),
+        tiles=_device_table(tiles, device, _atb._TF),
+        items=_device_table(items, device, _atb._IF),
+        fin=_device_table([[t] for t in fin], device, 1) if fin else None,
         ws_size=ws,
         n_items=len(items),
         n_fin=len(fin),
@@ -322,13 +323,15 @@ def _launch_atb(problems: list[tuple], a_lay: int, b_lay: int, align: bool):
     )
     wide = a0.dtype == torch.float32 or b0.dtype == torch.float32
     plan = _atb_plan(static, wide, device)
+    if plan.n_items == 0:  # every output is (0, 0) or (0,)
+        return
     css = [pr[11] for pr in problems if pr[11] is not None]
     cs0 = css[0] if css else out0
     a_off = _offsets([pr[0] for pr in problems], a0)
     b_off = _offsets([pr[1] for pr in problems], b0)
     o_off = _offsets([pr[9] for pr in problems], out0)
     c_off = [(_offsets([pr[11]], cs0)[0] if pr[11] is not None else -1) for pr in problems]
-    ptrs = _device_table([list(r) for r in zip(a_off, b_off, o_off, c_off)], device)
+    ptrs = _device_table([list(r) for r in zip(a_off, b_off, o_off, c_off)], device, _atb._QF)
     if plan.ws_size:
         ws = torch.zeros(plan.ws_size, dtype=torch.float32, device=device)
     else:
@@ -374,8 +377,8 @@ def _aw_plan(static: tuple, wide: bool, device: torch.device) -> _AwPlan:
         tr, tc = -(-r[_aw.P_R] // bm), -(-r[_aw.P_C] // bn)
         tiles += [[p, i, j] for i in range(tr) for j in range(tc)]  # column tiles adjacent
     plan = _AwPlan(
-        prob=torch.tensor(list(static), dtype=torch.int64).reshape(len(static), _aw._PF).to(device),
-        tiles=torch.tensor(tiles, dtype=torch.int64).reshape(len(tiles), _aw._TF).to(device),
+        prob=_device_table([list(r) for r in static], device, _aw._PF),
+        tiles=_device_table(tiles, device, _aw._TF),
         n_tiles=len(tiles),
         bm=bm,
         bn=bn,
@@ -430,7 +433,7 @@ def _launch_aw(problems, has_a2, has_v, a_lay, w_lay, o_lay, align):
         _offsets([pr[4] for pr in problems], v0) if has_v else [0] * len(problems),
         _offsets([pr[5] for pr in problems], out0),
     ]
-    ptrs = _device_table([list(r) for r in zip(*cols)], device)
+    ptrs = _device_table([list(r) for r in zip(*cols)], device, _aw._QF)
     upcast, prec = _flags(a0.dtype, a20.dtype)
     upcast = upcast or (_interpreting() and a0.dtype == torch.bfloat16)
     # W is rounded to the activation dtype for the tensor-core dot only when A and A2 share it

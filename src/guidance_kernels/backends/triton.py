@@ -64,6 +64,8 @@ def available(device: torch.device) -> Optional[str]:
         return _IMPORT_ERROR
     device = torch.device(device)
     if device.type == "cuda":
+        if _INTERPRETED:  # interpreted kernels would read device pointers on the host
+            return "the Triton kernels were created under TRITON_INTERPRET=1 (CPU tensors only)"
         return None
     if device.type == "cpu":
         if _interpreting() and _INTERPRETED:
@@ -451,9 +453,11 @@ def _launch_aw(problems, has_a2, has_v, a_lay, w_lay, o_lay, align):
 
 
 # --------------------------------------------------------------------------- the contract
-def _check(x: Tensor):
+def _check(x: Tensor, device: Optional[torch.device] = None):
     if x.dim() != 2:
         raise ValueError(f"triton backend: expected a 2-D activation, got shape {tuple(x.shape)}")
+    if device is not None and x.device != device:
+        raise ValueError(f"triton backend: all tensors of a call must be on one device ({device}, {x.device})")
 
 
 def _groups(keys):
@@ -466,7 +470,7 @@ def _groups(keys):
 def gram(xs: list[Tensor]) -> list[Tensor]:
     out: list = [None] * len(xs)
     for x in xs:
-        _check(x)
+        _check(x, xs[0].device)
     for dt, idx in _groups([x.dtype if x.dtype in _SUPPORTED else None for x in xs]).items():
         if dt is None:
             for i, r in zip(idx, _ref.gram([xs[i] for i in idx])):
@@ -495,7 +499,8 @@ def gram_backward(ms: list[Tensor], xs: list[Tensor]) -> list[Tensor]:
         problems = []
         for i in idx:
             x, m = xs[i], ms[i].to(torch.float32)
-            _check(x)
+            _check(x, xs[0].device)
+            _check(m, x.device)
             n, p = x.shape
             dx = torch.empty((n, p), dtype=x.dtype, device=x.device)
             out[i] = dx
@@ -519,8 +524,8 @@ def cross(xs: list[Tensor], ys: list[Tensor]):
     ref_idx = []
     by_dtype: dict = {}
     for i, (x, y) in enumerate(zip(xs, ys)):
-        _check(x)
-        _check(y)
+        _check(x, xs[0].device)
+        _check(y, xs[0].device)
         key = _pair_key(x, y)
         if key is None:
             ref_idx.append(i)
@@ -563,8 +568,8 @@ def cross_backward(xs, ms, ys, ns, vs) -> list[Tensor]:
         problems = []
         for i in idx:
             x, y = xs[i], ys[i]
-            _check(x)
-            _check(y)
+            _check(x, xs[0].device)
+            _check(y, xs[0].device)
             m, nn_ = ms[i].to(torch.float32), ns[i].to(torch.float32)
             v = vs[i].to(torch.float32).contiguous()
             n, p = x.shape

@@ -127,14 +127,14 @@ class MinibatchCKA:
         with torch.autocast(xs2[0].device.type, enabled=False) if xs2[0].device.type in ("cpu", "cuda") \
                 else _null():
             grams = ops.gram(layers, resolve_backend(self.backend, layers))
-            k = torch.stack([g.to(dtype) for g in grams])            # (L, n, n)
+            k = torch.stack(grams).to(dtype)                         # (L, n, n)
             if self.scale is None:
                 self.scale = _first_scale(k)
             k = k * self.scale[:, None, None]
             u = metrics.u_center_gram(k).flatten(1)                  # (L, n*n)
             denom = n * (n - 3)
-            kt = metrics._zero_diagonal(k).flatten(1)
-            ref = (kt * kt).sum(-1) / denom                          # (L,)
+            diag = k.diagonal(dim1=-2, dim2=-1)
+            ref = ((k * k).sum((-2, -1)) - (diag * diag).sum(-1)) / denom   # ||K~||² / (n(n-3))
             selfs = (u * u).sum(-1) / denom                          # (L,)
             if self.symmetric:
                 h = (u @ u.T) / denom

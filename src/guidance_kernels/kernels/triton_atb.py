@@ -27,7 +27,7 @@ a diagonal tile is written as ``(T + Tᵀ)/2`` so that every output is exactly s
 import triton
 import triton.language as tl
 
-from guidance_kernels.kernels.triton_util import hint8, tile_offsets
+from guidance_kernels.kernels.triton_util import tile_offsets
 
 # problem table fields
 P_K, P_M, P_N, P_SAK, P_SAM, P_SBK, P_SBN, P_SOM, P_SON, P_SYM, P_CS = range(11)
@@ -99,16 +99,17 @@ def atb_kernel(
     diag = ti == tj
     do_cs = (has_cs != 0) & diag
 
-    M = hint8(M, ALIGN)
-    N = hint8(N, ALIGN)
-    k0 = hint8(k0, ALIGN)
-    k1 = hint8(k1, ALIGN)
-    a_off = hint8(a_off, ALIGN)
-    b_off = hint8(b_off, ALIGN)
-    sa_k = hint8(sa_k, ALIGN)
-    sa_m = hint8(sa_m, ALIGN)
-    sb_k = hint8(sb_k, ALIGN)
-    sb_n = hint8(sb_n, ALIGN)
+    if ALIGN:  # hints written here, not in a helper: the inliner drops callee arg attributes
+        M = tl.multiple_of(M, 8)
+        N = tl.multiple_of(N, 8)
+        k0 = tl.multiple_of(k0, 8)
+        k1 = tl.multiple_of(k1, 8)
+        a_off = tl.multiple_of(a_off, 8)
+        b_off = tl.multiple_of(b_off, 8)
+        sa_k = tl.multiple_of(sa_k, 8)
+        sa_m = tl.multiple_of(sa_m, 8)
+        sb_k = tl.multiple_of(sb_k, 8)
+        sb_n = tl.multiple_of(sb_n, 8)
     a_ptrs = a_base + a_off + tile_offsets(rm, k0 + rk, sa_m, sa_k, A_LAYOUT)
     b_ptrs = b_base + b_off + tile_offsets(k0 + rk, rn, sb_k, sb_n, B_LAYOUT)
     m_ok = rm < M

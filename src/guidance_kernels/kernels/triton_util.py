@@ -1,5 +1,7 @@
 """Small ``@triton.jit`` helpers shared by the kernels: strided tile offsets with a
-compile-time unit stride (so the compiler can vectorize contiguous loads) and alignment hints."""
+compile-time unit stride (so the compiler can vectorize contiguous loads). Alignment hints
+(``tl.multiple_of``) are written in the kernel bodies: on a helper's arguments they would be
+lost when the helper is inlined."""
 
 import triton
 import triton.language as tl
@@ -16,11 +18,3 @@ def tile_offsets(r, c, s_r, s_c, LAYOUT: tl.constexpr):
     else:
         o = r[:, None] * s_r + c[None, :] * s_c
     return o
-
-
-@triton.jit
-def hint8(x, ALIGN: tl.constexpr):
-    """With ``ALIGN`` the host checked that this size / stride / offset is a multiple of 8."""
-    if ALIGN:
-        x = tl.multiple_of(x, 8)
-    return x

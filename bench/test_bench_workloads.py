@@ -33,7 +33,8 @@ IMPLS = {i.name: i for i in baselines.implementations()}
 
 @pytest.fixture(scope="session")
 def matmul_rate():
-    return measure_ceilings(DEVICE, DTYPE, quick=True).matmul_flops_per_s
+    c = measure_ceilings(DEVICE, DTYPE, quick=True)
+    return c.matmul_flops_per_s, c.matmul_rates
 
 
 @pytest.fixture(scope="module", params=list(WORKLOADS))
@@ -53,7 +54,7 @@ def test_workload(benchmark, workload, impl_name, mode, matmul_rate):
         pytest.skip(why)
     if mode == "fwd+bwd" and not impl.differentiable:
         pytest.skip("not differentiable: forward / analysis only")
-    est = baselines.est_seconds(impl, w, matmul_rate)
+    est = baselines.est_seconds(impl, w, *matmul_rate)
     if est > MAX_CALL_S:
         pytest.skip(f"estimated {est:.3g} s per call > {MAX_CALL_S:g}")
     fn = impl.make(w, {"compile_scope": "pair"})

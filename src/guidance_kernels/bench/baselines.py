@@ -80,7 +80,7 @@ def truth(
         x64 = _flat64(x.detach()).requires_grad_(grad)
         with torch.enable_grad() if grad else torch.no_grad():
             v = 1.0 - f(x64, _flat64(y.detach()))
-        total += float(v)
+        total += float(v.detach())
         if grad:
             (g,) = torch.autograd.grad(v, x64)
             grads.append(g.reshape(x.shape))
@@ -252,6 +252,7 @@ class Impl:
     est_flops: Optional[Callable[[Workload], float]] = None
     package: Optional[str] = None  # PyPI name for peers
     note: str = ""
+    est_dtype: str = "best"  # matmul rate used for the estimate: "best" or a dtype name ("float64")
 
 
 def _gk_impl(backend: str) -> Impl:
@@ -281,7 +282,7 @@ def _n3_flops(w: Workload, grams: int, n3: int) -> float:
     return sum(2.0 * n * n * (p + q) * grams / 2 + 2.0 * n**3 * n3 for n, p, q in w.dims())
 
 
-def _peer(name: str, module: str, metric: str, fn: LossFn, est, note: str, attr: str) -> Impl:
+def _peer(name: str, module: str, metric: str, fn: LossFn, est, note: str, attr: str, est_dtype="best") -> Impl:
     def why(device: torch.device) -> Optional[str]:
         if importlib.util.find_spec(module) is None:
             return f"not installed (pip install {name})"
@@ -293,7 +294,7 @@ def _peer(name: str, module: str, metric: str, fn: LossFn, est, note: str, attr:
             return f"module {module!r} has no {attr!r}: not the {name} distribution"
         return None
 
-    return Impl(name, "peer", metric, False, lambda w, o: fn, why, est, package=name, note=note)
+    return Impl(name, "peer", metric, False, lambda w, o: fn, why, est, package=name, note=note, est_dtype=est_dtype)
 
 
 def implementations(backends: Optional[list[str]] = None) -> list[Impl]:
@@ -326,7 +327,7 @@ def implementations(backends: Optional[list[str]] = None) -> list[Impl]:
             note="six Grams + explicit H K H per pair, fp32",
         ),
         _peer("ckatorch", "ckatorch", "cka", _ckatorch_loss, lambda w: _n3_flops(w, 2, 0),
-              "ckatorch.cka_base per pair (fp64 inside)", "cka_base"),
+              "ckatorch.cka_base per pair (fp64 inside)", "cka_base", "float64"),
         _peer("pytorch-cka", "cka", "debiased_cka", _pytorch_cka_loss, lambda w: _n3_flops(w, 2, 0),
               "cka.cka_from_features per pair (debiased)", "cka_from_features"),
         _peer("torch-cka", "torch_cka", "debiased_cka", _torch_cka_loss, lambda w: _n3_flops(w, 3, 3),
@@ -335,11 +336,13 @@ def implementations(backends: Optional[list[str]] = None) -> list[Impl]:
     return impls
 
 
-def est_seconds(impl: Impl, w: Workload, matmul_flops_per_s: float) -> float:
-    """Rough time of one forward call from its flop count and the measured matmul rate."""
+def est_seconds(impl: Impl, w: Workload, matmul_flops_per_s: float, rates: Optional[dict] = None) -> float:
+    """Rough time of one forward call from its flop count and the measured matmul rate (the
+    rate of ``impl.est_dtype`` when ``rates`` has it, e.g. fp64 for ckatorch)."""
     if impl.est_flops is None:
         return 0.0
-    return impl.est_flops(w) / max(matmul_flops_per_s, 1.0)
+    rate = (rates or {}).get(impl.est_dtype, matmul_flops_per_s)
+    return impl.est_flops(w) / max(rate, 1.0)
 
 
 __all__ = [

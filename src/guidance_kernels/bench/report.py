@@ -83,6 +83,7 @@ def _title(result: dict) -> str:
         f"{m['device_name']} · {m['dtype']} · scale {m['scale']:g} · {m['date'][:10]} · ceilings: copy "
         f"{c['copy_bytes_per_s'] / 1e9:.1f} GB/s, matmul {c['matmul_flops_per_s'] / 1e12:.3f} TFLOP/s "
         f"({c['matmul_dtype']})"
+        + (f" · load avg {m['loadavg_start'][0]:.1f} at start" if m.get("loadavg_start") and m["device"] == "cpu" else "")
     )
 
 

@@ -59,8 +59,8 @@ class BenchConfig:
         gpu = c.device.startswith("cuda")
         c.warmup = c.warmup if c.warmup is not None else (1 if c.quick and not gpu else 3)
         c.min_reps = c.min_reps if c.min_reps is not None else (3 if c.quick else 10)
-        c.max_reps = c.max_reps if c.max_reps is not None else (20 if c.quick else 200)
-        c.budget_s = c.budget_s if c.budget_s is not None else (0.15 if c.quick else 1.0)
+        c.max_reps = c.max_reps if c.max_reps is not None else (10 if c.quick else 200)
+        c.budget_s = c.budget_s if c.budget_s is not None else (0.1 if c.quick else 1.0)
         c.max_call_s = c.max_call_s if c.max_call_s is not None else (1.0 if c.quick else 30.0)
         c.compile_scope = c.compile_scope or ("pair" if c.quick or not gpu else "loss")
         return c
@@ -95,21 +95,20 @@ class _Truth:
         return self._cache[key]
 
 
-def _check(impl, fn, mode, xs, ys, truth: _Truth, dtype) -> dict:
+def _check(impl, fn, mode, xs, ys, truth: _Truth, dtype, out=None) -> dict:
+    """Compare one call's result with the fp64 truth. ``out``: the result of that call if it was
+    already made (the loss in ``fwd``, ``(loss, grads)`` in ``fwd+bwd``)."""
     atol_pair, gtol = _tolerances(dtype)
     tol = atol_pair * len(xs)
     ref_loss, ref_grads = truth.get(impl.metric, grad=(mode == "fwd+bwd"))
+    if out is None:
+        out = _calls(fn, mode, impl.differentiable, with_loss=True)(xs, ys)
     if mode == "fwd":
-        with torch.no_grad() if not impl.differentiable else torch.enable_grad():
-            out = fn(xs, ys)
         loss = float(out.detach())
         grad_err = None
     else:
-        out = fn(xs, ys)
-        if not (isinstance(out, torch.Tensor) and out.requires_grad):
-            return {"ok": False, "why": "loss does not require grad", "ref_loss": ref_loss}
-        grads = torch.autograd.grad(out, xs)
-        loss = float(out.detach())
+        loss_t, grads = out
+        loss = float(loss_t.detach())
         grad_err = _rel_err(grads, ref_grads)
     loss_err = abs(loss - ref_loss)
     ok = bool(loss_err <= tol and (grad_err is None or grad_err <= gtol))
@@ -126,17 +125,27 @@ def _check(impl, fn, mode, xs, ys, truth: _Truth, dtype) -> dict:
     return res
 
 
-def _calls(fn, mode, differentiable=True):
-    if mode == "fwd" and not differentiable:  # analysis tools: forward under no_grad
+def _calls(fn, mode, differentiable=True, with_loss=False):
+    """The timed call: the loss (``fwd``) or the gradients w.r.t. the targets (``fwd+bwd``;
+    ``(loss, grads)`` with ``with_loss``)."""
+    if mode == "fwd+bwd":
+
+        def fwd_bwd(xs, ys):
+            loss = fn(xs, ys)
+            if not (isinstance(loss, torch.Tensor) and loss.requires_grad):
+                raise RuntimeError("loss does not require grad")
+            grads = torch.autograd.grad(loss, xs)
+            return (loss, grads) if with_loss else grads
+
+        return fwd_bwd
+    if not differentiable:  # analysis tools: forward under no_grad
 
         def call(xs, ys):
             with torch.no_grad():
                 return fn(xs, ys)
 
         return call
-    if mode == "fwd":
-        return lambda xs, ys: fn(xs, ys)
-    return lambda xs, ys: torch.autograd.grad(fn(xs, ys), xs)
+    return lambda xs, ys: fn(xs, ys)
 
 
 def device_name(device: torch.device) -> str:
@@ -176,7 +185,7 @@ def run_workload(
         }
         reason = impl.why_unavailable(device)
         if reason is None and impl.est_flops is not None:
-            est = baselines.est_seconds(impl, w, ceil.matmul_flops_per_s)
+            est = baselines.est_seconds(impl, w, ceil.matmul_flops_per_s, ceil.matmul_rates)
             if est > cfg.max_call_s:
                 reason = f"estimated {est:.3g} s per call > max_call_s={cfg.max_call_s:g} (n^3 / n^2 cost)"
         fn = None
@@ -200,7 +209,12 @@ def run_workload(
                 continue
             t0 = time.perf_counter()
             try:
-                chk = _check(impl, fn, mode, xs, ys, truth, dtype)
+                truth.get(impl.metric, grad=(mode == "fwd+bwd"))  # before the memory measurement
+                # The checked call is also the memory-measured one.
+                peak, out = peak_extra_bytes(_calls(fn, mode, impl.differentiable, True), (xs, ys), device)
+                rec["peak_extra_bytes"] = peak
+                chk = _check(impl, fn, mode, xs, ys, truth, dtype, out=out)
+                del out
             except Exception as e:  # noqa: BLE001
                 rec.update(status="error", reason=f"{type(e).__name__}: {e}".strip()[:300])
                 rec["traceback"] = traceback.format_exc(limit=4)
@@ -215,7 +229,6 @@ def run_workload(
                 continue
             call = _calls(fn, mode, impl.differentiable)
             try:
-                rec["peak_extra_bytes"] = peak_extra_bytes(call, (xs, ys), device)
                 rec["launches"] = count_launches(call, (xs, ys), device)
                 tm = measure(
                     call,
@@ -258,11 +271,22 @@ def run_workload(
     return records
 
 
+def _loadavg() -> Optional[list]:
+    """1/5/15-minute load averages: a CPU run on a busy machine says so in its JSON."""
+    import os
+
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
 def run_bench(cfg: BenchConfig, log: Callable = print) -> dict:
     cfg = cfg.resolved()
     device = torch.device(cfg.device)
     dtype = DTYPES[cfg.dtype]
     t_start = time.perf_counter()
+    load_start = _loadavg()
     torch.manual_seed(cfg.seed)
     workloads = get_workloads(cfg.workloads, cfg.scale)
     impls = baselines.implementations()
@@ -297,6 +321,8 @@ def run_bench(cfg: BenchConfig, log: Callable = print) -> dict:
             "torch": torch.__version__,
             "python": platform.python_version(),
             "quick": cfg.quick,
+            "loadavg_start": load_start,
+            "loadavg_end": _loadavg(),
             "scale": cfg.scale,
             "config": cfg_dict,
             "implementations": [

@@ -141,7 +141,7 @@ def _reset_hwm() -> bool:
         return False
 
 
-def peak_extra_bytes(fn: Callable, args: tuple, device: torch.device) -> Optional[int]:
+def peak_extra_bytes(fn: Callable, args: tuple, device: torch.device) -> tuple[Optional[int], object]:
     """Peak memory allocated during one call beyond what was allocated before it.
 
     CUDA: the caching allocator's peak (``max_memory_allocated`` after a reset) minus the
@@ -149,6 +149,7 @@ def peak_extra_bytes(fn: Callable, args: tuple, device: torch.device) -> Optiona
     reset through ``/proc/self/clear_refs``) minus the resident size before it, with glibc told
     to serve every allocation of 64 KiB or more by ``mmap`` so that freed buffers leave the
     resident set; approximate (page granularity, allocator slack). ``None`` where unmeasurable.
+    Returns ``(bytes or None, fn's output)``.
     """
     if device.type == "cuda":
         sync(device)
@@ -157,21 +158,17 @@ def peak_extra_bytes(fn: Callable, args: tuple, device: torch.device) -> Optiona
         out = fn(*args)
         sync(device)
         peak = torch.cuda.max_memory_allocated(device)
-        del out
-        return max(0, peak - before)
-    if device.type != "cpu":
-        return None
-    if not _mallopt(64 << 10):
-        return None
+        return max(0, peak - before), out
+    if device.type != "cpu" or not _mallopt(64 << 10):
+        return None, fn(*args)
     try:
         if not _reset_hwm():
-            return None
+            return None, fn(*args)
         before = _rss_kib("VmRSS")
         _reset_hwm()
         out = fn(*args)
         peak = _rss_kib("VmHWM")
-        del out
-        return max(0, peak - before) * 1024
+        return max(0, peak - before) * 1024, out
     finally:
         # Back to a large threshold (near glibc's dynamic steady state) for the timing loops.
         _mallopt(32 << 20)

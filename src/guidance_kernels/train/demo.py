@@ -294,12 +294,19 @@ def run_demo(cfg: DemoConfig, out_dir: str, console=None, progress: bool = True)
     table.add_column("arm")
     table.add_column("test acc (mean ± std)", justify="right")
     table.add_column("per seed", justify="left")
+    table.add_column("last 3 evals (mean ± std)", justify="right")
+    last3 = {a: [sum(e["acc"] for e in r["eval"][-3:]) / len(r["eval"][-3:])
+                 for r in results if r["arm"] == a] for a in ARMS}
     gm, gs = _stats(list(gacc.values()))
-    table.add_row("[dim]small_cnn guide itself[/dim]", f"{gm:.3f} ± {gs:.3f}", " ".join(f"{gacc[s]:.2f}" for s in seeds))
+    table.add_row("[dim]small_cnn guide itself[/dim]", f"{gm:.3f} ± {gs:.3f}",
+                  " ".join(f"{gacc[s]:.2f}" for s in seeds), "")
     for a in ARMS:
         m, s = _stats(acc[a])
-        table.add_row(a, f"{m:.3f} ± {s:.3f}", " ".join(f"{v:.2f}" for v in acc[a]))
+        m3, s3 = _stats(last3[a])
+        table.add_row(a, f"{m:.3f} ± {s:.3f}", " ".join(f"{v:.2f}" for v in acc[a]), f"{m3:.3f} ± {s3:.3f}")
     console.print(table)
+    console.print("Verdicts use the final-step accuracy (fixed in advance); the last column, the mean of "
+                  f"the last 3 evaluations ({2 * cfg.eval_every} steps), shows how much one step's noise moves it.")
     for v in verdicts:
         mark = {True: "[green]holds[/green]", False: "[red]does NOT hold[/red]", None: "[yellow]not judged[/yellow]"}[v["holds"]]
         console.print(f"{v['text']}  => {mark}")
@@ -312,6 +319,7 @@ def run_demo(cfg: DemoConfig, out_dir: str, console=None, progress: bool = True)
         "seconds": elapsed,
         "guide_acc": [gacc[s] for s in seeds],
         "final_acc": acc,
+        "last3_acc": last3,
         "summary": {a: dict(zip(("mean", "std"), _stats(acc[a]))) for a in ARMS},
         "verdicts": verdicts,
         "runs": results,

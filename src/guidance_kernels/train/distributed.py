@@ -82,9 +82,15 @@ def gather_batch(tensors: Sequence[Tensor], *, group=None, differentiable: bool)
     out = []
     for t in tensors:
         if differentiable:
+            # Deprecated in favour of _functional_collectives, whose autograd backward needs a
+            # reduce-scatter that gloo lacks; this one falls back to all-to-all on gloo.
+            import warnings
+
             from torch.distributed.nn.functional import all_gather
 
-            parts = all_gather(t.contiguous(), group=group)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                parts = all_gather(t.contiguous(), group=group)
         else:
             parts = [torch.empty_like(t) for _ in range(ws)]
             dist.all_gather(parts, t.contiguous(), group=group)

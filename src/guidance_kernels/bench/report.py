@@ -17,7 +17,7 @@ CSV_FIELDS = [
 
 
 def _ms(v: Optional[float]) -> str:
-    return "" if v is None else (f"{v * 1e3:.3f}" if v < 1 else f"{v * 1e3:.0f}")
+    return "" if v is None else f"{v * 1e3:.4g}"
 
 
 def _f(v, fmt: str) -> str:
@@ -56,8 +56,8 @@ def table_rows(result: dict, notes: Optional[dict] = None) -> list[list[str]]:
                 r["mode"],
                 _ms(r.get("median_s")) if ok else "",
                 f"{_ms(r.get('p20_s'))}–{_ms(r.get('p80_s'))}" if ok else "",
-                _f(r.get("gbps"), ".1f"),
-                _f(r.get("tflops"), ".3f"),
+                _f(r.get("gbps"), ".3g"),
+                _f(r.get("tflops"), ".3g"),
                 _ms(r.get("floor_s")),
                 _f(r.get("pct_floor"), ".1f"),
                 _mib(r.get("peak_extra_bytes")),
@@ -72,7 +72,7 @@ def table_rows(result: dict, notes: Optional[dict] = None) -> list[list[str]]:
 
 HEADERS = [
     "workload", "impl", "mode", "median ms", "p20–p80 ms", "GB/s", "TFLOP/s", "floor ms", "% floor",
-    "peak extra MiB", "launches", "× eager", "× compile", "status",
+    "extra MiB", "launches", "× eager", "× compile", "status",
 ]  # fmt: skip
 
 
@@ -93,7 +93,7 @@ def print_table(result: dict, console=None) -> None:
 
     if console is None:
         console = Console()
-        console = Console(width=max(console.width, 160))  # 14 columns: never squeeze them into 80
+        console = Console(width=max(console.width, 200))  # 14 columns: never squeeze them into 80
     t = Table(title=_title(result), show_lines=False, header_style="bold")
     for h in HEADERS:
         t.add_column(h, justify="left" if h in ("workload", "impl", "mode", "status") else "right",

@@ -3,20 +3,27 @@
 Every metric in this package (CKA, debiased CKA, Procrustes, CKA matrices) is computed from a
 few *bilinear products* of the activations, plus small ``n x n`` / ``p x q`` math that is
 shared by all backends (see :mod:`guidance_kernels.metrics`). A backend implements just the
-products, for a whole list of layers in as few launches as it can:
+products, for a whole list of layers in as few launches as it can.
+
+**Every product uses the row-shifted activation** ``x' = x - 1 x[0]`` (each sample minus the
+first sample, i.e. ``x'[i, f] = x[i, f] - x[0, f]``). Centering is invariant to that shift, and
+it removes the common offset that deep layers share (in a default-initialised deep MLP,
+``||Kc|| / ||K||`` falls to 1e-6 by layer 8): centering a raw fp32 Gram there cancels
+catastrophically, centering a shifted one does not. Kernels subtract ``x[0, f]`` as they load.
 
 ``gram(xs) -> list[Tensor]``
     ``xs[i]``: 2-D ``(n_i, p_i)`` float tensor (fp64/fp32/fp16/bf16, any strides).
-    Returns ``xs[i] @ xs[i].T``, shape ``(n_i, n_i)``, in the accumulation dtype
+    Returns ``x' @ x'.T``, shape ``(n_i, n_i)``, in the accumulation dtype
     (fp64 for fp64 inputs, fp32 otherwise).
 ``gram_backward(ms, xs) -> list[Tensor]``
-    ``ms[i]``: ``(n_i, n_i)`` accumulation-dtype matrix (symmetric in practice).
-    Returns ``ms[i] @ xs[i]``, shape ``(n_i, p_i)``, in ``xs[i].dtype``.
+    ``ms[i]``: ``(n_i, n_i)`` accumulation-dtype matrix (symmetric and centered in practice).
+    Returns ``ms[i] @ x'``, shape ``(n_i, p_i)``, in ``xs[i].dtype``.
 ``cross(xs, ys) -> (list[Tensor],) * 5``
-    Feature-space products of pairs ``xs[i]: (n_i, p_i)``, ``ys[i]: (n_i, q_i)``:
-    ``(xᵀx (p,p), yᵀy (q,q), xᵀy (p,q), x.sum(0) (p,), y.sum(0) (q,))``, accumulation dtype.
+    Feature-space products of pairs ``xs[i]: (n_i, p_i)``, ``ys[i]: (n_i, q_i)`` (``y'`` shifted
+    by ``y[0]`` likewise): ``(x'ᵀx' (p,p), y'ᵀy' (q,q), x'ᵀy' (p,q), x'.sum(0) (p,),
+    y'.sum(0) (q,))``, accumulation dtype.
 ``cross_backward(xs, ms, ys, ns, vs) -> list[Tensor]``
-    Returns ``xs[i] @ ms[i] + ys[i] @ ns[i] + vs[i]`` (``vs[i]`` broadcast over rows),
+    Returns ``x' @ ms[i] + y' @ ns[i] + vs[i]`` (``vs[i]`` broadcast over rows),
     shape ``(n_i, p_i)``, in ``xs[i].dtype``. ``ms[i]: (p,p)``, ``ns[i]: (q,p)``, ``vs[i]: (p,)``.
 
 A backend module registers itself with :func:`register_backend` and must never sync with the

@@ -10,7 +10,7 @@ guidance_kernels.similarity.peers):
   batches of 256 (7 batches).
 * digits_fcn40_self: deep_fcn depth 40 against itself (40 x 40, symmetric).
 * offset_relu: 8 vs 8 synthetic layers (N=2048, p=512, batches of 256) of ReLU features with a
-  large common offset (mean 20x the spread), where fp32 HSIC from raw Grams cancels digits.
+  common offset of +20 (spread of a few units), where fp32 HSIC from raw Grams cancels digits.
 """
 
 from __future__ import annotations

@@ -17,8 +17,8 @@ def test_quick_demo_end_to_end(tmp_path):
     assert all(len(v) == 1 for v in res["final_acc"].values())
     assert (tmp_path / "curves.png").stat().st_size > 10_000
     assert {v["claim"] for v in res["verdicts"]} >= {"a", "b", "c_trained", "c_untrained"}
-    for arm in ARMS:
-        assert arm in r.output
+    for arm in ARMS:  # rich may shorten long names to the terminal width
+        assert arm[:12] in r.output
     assert "(a)" in r.output and "(b)" in r.output and "(c)" in r.output
 
 

@@ -21,6 +21,10 @@ flattened stacks for all ``L_A x L_B`` pairs (``U Uᵀ`` when A is B). Memory: `
 batch plus the ``L_A x L_B`` fp64 accumulators, independent of dataset size. Nothing syncs with
 the host (no ``.item()``); everything runs under ``no_grad``.
 
+Row shifts. ``ops.gram`` may return the Gram of a row-shifted activation ``X - 1 c`` (the backend
+contract allows a shift by the batch's first row for accuracy): U-centering removes any such
+shift exactly (it annihilates ``a 1ᵀ + 1 bᵀ`` off the diagonal), so the estimator is unchanged.
+
 Numerics. Grams accumulate in fp32 (fp64 for fp64 activations; bf16/fp16 activations are fine).
 The ``n x n`` math after the Gram and the accumulators use ``center_dtype`` (fp64 by default: it
 is ``O(L n²)``, negligible next to the Grams, and U-centering a Gram with a large common offset,

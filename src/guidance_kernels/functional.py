@@ -66,7 +66,7 @@ def _unique(tensors: list[Tensor]) -> tuple[list[Tensor], list[int]]:
 
 
 def _grams(xs: list[Tensor], backend: str) -> list[Tensor]:
-    """Raw Grams of ``xs``, each distinct tensor computed once, in one op call."""
+    """Centered Grams of ``xs``, each distinct tensor computed once, in one op call."""
     uniq, index = _unique(xs)
     grams = ops.gram(uniq, backend)
     return [grams[j] for j in index]
@@ -94,8 +94,8 @@ def _sample_scores(xs, ys, metric, backend) -> list[Tensor]:
 
 
 def _feature_scores(xs, ys, backend) -> list[Tensor]:
-    a, b, c, sx, sy = ops.cross(xs, ys, backend)
-    return [metrics.cka_from_cross(*t, n=x.shape[0]) for *t, x in zip(a, b, c, sx, sy, xs)]
+    a, b, c, _, _ = ops.cross(xs, ys, backend)
+    return [metrics.cka_from_cross(*t) for t in zip(a, b, c)]
 
 
 def pair_scores(
@@ -185,7 +185,7 @@ def centered_gram(x: Tensor, *, backend: str = "auto") -> Tensor:
     """``H X Xᵀ H`` for ``x`` (n, ...) -> (n, n), fp32 (fp64 for fp64 input)."""
     (x2,) = _checks.check_list([x], "x")
     with _no_autocast(x2.device):
-        return metrics.center_gram(ops.gram([x2], resolve_backend(backend, [x2]))[0])
+        return ops.gram([x2], resolve_backend(backend, [x2]))[0]
 
 
 def cka_matrix(

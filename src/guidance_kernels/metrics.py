@@ -1,21 +1,23 @@
-"""Small math shared by every backend: from raw products to CKA / Procrustes scores.
+"""Small math shared by every backend: from centered products to CKA / Procrustes scores.
 
 Everything here is ``O(n^2)`` (or ``O(p q)``) plain PyTorch on the outputs of the heavy ops in
-:mod:`guidance_kernels.ops`, batched over a leading layer dimension, differentiable (autograd
-turns ``d score / d Gram`` into the ``G`` of GUIDE §2; the op's backward does ``dX = 2 G X``).
+:mod:`guidance_kernels.ops` (centered Grams ``Kc = H X Xᵀ H``, or centered feature-space
+products), batched over a leading layer dimension and differentiable: autograd turns
+``d score / d Kc`` into the ``G`` of GUIDE §2; the op's backward does ``dX = 2 G X``.
 
 Numerics and degenerate input (documented behaviour):
 
-* Grams are first divided by their trace (``||X||_F^2``), held constant under autograd: every
-  metric is scale invariant (degree-0 homogeneous), so that is exact, and it keeps squares and
-  gradients in range. A representation with ``||X||_F^2 <= tiny/eps`` of the accumulation
-  dtype (``||X||_F`` below about 3e-16 in fp32, 1e-146 in fp64) counts as all-zero.
-* A representation is *degenerate* when its centered Gram is zero or below rounding:
-  ``||Kc||_F <= 64 * eps(acc dtype) * ||K||_F`` (constant / dead-ReLU / all-zero activations,
-  or a common offset so large that centering leaves only rounding noise); for Procrustes,
-  ``||Xc||_F^2 <= 64 * eps * ||X||_F^2``. A degenerate pair has
-  CKA = 0 (guidance loss 1), debiased CKA = 0, Procrustes similarity 0 (squared distance 2),
-  and a zero gradient. Values and gradients are finite for every input.
+* The ops center products of the row-shifted activation ``x - 1 x[0]``, so a large offset
+  shared by all samples (deep layers of a plain MLP) costs no accuracy.
+* Centered Grams are divided by their trace (``||Xc||_F^2``), held constant under autograd:
+  every metric is scale invariant (degree-0 homogeneous), so that is exact, and it keeps squares
+  and gradients in range. A representation with ``||Xc||_F^2 <= tiny/eps`` of the accumulation
+  dtype (``||Xc||_F`` below about 3e-16 in fp32, 1e-146 in fp64) counts as constant.
+* A *degenerate* representation has no variance across samples (constant, dead ReLU, all-zero,
+  or below that floor); for debiased CKA also one whose U-centered Gram is rounding noise
+  (``||U(K)|| <= 64 eps ||K~c||``). A degenerate pair has CKA = 0 (guidance loss 1), debiased
+  CKA = 0, Procrustes similarity 0 (squared distance 2, angle π/2), and a zero gradient.
+  Values and gradients are finite for every input.
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ def _inv_scale(tr: Tensor) -> Tensor:
 
 
 def normalize_gram(k: Tensor) -> Tensor:
-    """(..., n, n) PSD Gram divided by its trace, the divisor held constant under autograd."""
+    """(..., n, n) PSD (centered) Gram divided by its trace, the divisor held constant under
+    autograd; zero at or below the underflow floor."""
     return k * _inv_scale(_trace(k))[..., None, None]
 
 
@@ -81,33 +84,29 @@ def _frob2(k: Tensor) -> Tensor:
     return (k * k).sum((-2, -1))
 
 
-def cka_from_grams(k: Tensor, l: Tensor, debiased: bool = False) -> Tensor:
-    """Linear CKA from raw Grams ``k = X Xᵀ``, ``l = Y Yᵀ`` of shape (..., n, n) -> (...,).
+def cka_from_grams(kc: Tensor, lc: Tensor, debiased: bool = False) -> Tensor:
+    """Linear CKA from centered Grams ``kc = H X Xᵀ H``, ``lc`` of shape (..., n, n) -> (...,).
 
-    ``debiased=True`` uses U-centering (needs n >= 4) and lies in [-1, 1]; otherwise [0, 1]."""
-    k, l = normalize_gram(k), normalize_gram(l)
+    ``debiased=True`` uses U-centering (needs n >= 4; U-centering ignores the double
+    centering) and lies in [-1, 1]; otherwise [0, 1]."""
+    k, l = normalize_gram(kc), normalize_gram(lc)
     if debiased:
-        kc, lc = u_center_gram(k), u_center_gram(l)
+        ku, lu = u_center_gram(k), u_center_gram(l)
         rk, rl = _frob2(_zero_diagonal(k)), _frob2(_zero_diagonal(l))
-    else:
-        kc, lc = center_gram(k), center_gram(l)
-        rk, rl = _frob2(k), _frob2(l)
-    return _cosine((kc * lc).sum((-2, -1)), _frob2(kc), _frob2(lc), rk, rl)
+        return _cosine((ku * lu).sum((-2, -1)), _frob2(ku), _frob2(lu), rk, rl)
+    a2, b2 = _frob2(k), _frob2(l)
+    return _cosine((k * l).sum((-2, -1)), a2, b2, a2, b2)
 
 
-def cka_from_cross(a: Tensor, b: Tensor, c: Tensor, sx: Tensor, sy: Tensor, n: int) -> Tensor:
-    """Linear CKA from feature-space products: ``a = XᵀX`` (..., p, p), ``b = YᵀY`` (..., q, q),
-    ``c = XᵀY`` (..., p, q), column sums ``sx`` (..., p), ``sy`` (..., q), ``n`` samples.
-    Equals :func:`cka_from_grams` (``||Xcᵀ Yc||² = <Kc, Lc>``, ``||XcᵀXc|| = ||Kc||``)."""
-    ix, iy = _inv_scale(_trace(a)), _inv_scale(_trace(b))
-    rx, ry = torch.sqrt(ix), torch.sqrt(iy)
-    an, bn = a * ix[..., None, None], b * iy[..., None, None]
-    cn = c * (rx * ry)[..., None, None]
-    ux, uy = sx * rx[..., None], sy * ry[..., None]
-    ac = an - ux[..., :, None] * ux[..., None, :] / n
-    bc = bn - uy[..., :, None] * uy[..., None, :] / n
-    cc = cn - ux[..., :, None] * uy[..., None, :] / n
-    return _cosine(_frob2(cc), _frob2(ac), _frob2(bc), _frob2(an), _frob2(bn))
+def cka_from_cross(ac: Tensor, bc: Tensor, cc: Tensor) -> Tensor:
+    """Linear CKA from centered feature-space products ``ac = Xcᵀ Xc`` (..., p, p),
+    ``bc = Ycᵀ Yc`` (..., q, q), ``cc = Xcᵀ Yc`` (..., p, q) -> (...,). Equals
+    :func:`cka_from_grams` (``||Xcᵀ Yc||² = <Kc, Lc>``, ``||Xcᵀ Xc|| = ||Kc||``)."""
+    ix, iy = _inv_scale(_trace(ac)), _inv_scale(_trace(bc))
+    an, bn = ac * ix[..., None, None], bc * iy[..., None, None]
+    cn = cc * torch.sqrt(ix * iy)[..., None, None]
+    a2, b2 = _frob2(an), _frob2(bn)
+    return _cosine(_frob2(cn), a2, b2, a2, b2)
 
 
 class _NuclearNorm(torch.autograd.Function):
@@ -159,15 +158,15 @@ class _NuclearNorm(torch.autograd.Function):
         return dk, dl
 
 
-def procrustes_from_grams(k: Tensor, l: Tensor, angular: bool = False) -> Tensor:
+def procrustes_from_grams(kc: Tensor, lc: Tensor, angular: bool = False) -> Tensor:
     """Orthogonal Procrustes distance between centered, Frobenius-normalized representations
-    from raw Grams (..., n, n) -> (...,): the squared distance ``2 - 2 ||Xnᵀ Yn||_*`` in [0, 2],
+    from centered Grams (..., n, n) -> (...,): the squared distance ``2 - 2 ||Xnᵀ Yn||_*`` in [0, 2],
     or with ``angular=True`` the angle ``arccos ||Xnᵀ Yn||_*`` in [0, π/2].
 
     The angle's derivative ``-1/sqrt(1 - c²)`` is unbounded at ``c = 1``: ``c`` is clamped to
     ``1 - 1e-6`` (fp32) / ``1 - 1e-12`` (fp64), so identical inputs give a zero gradient and
     near-identical ones a large but finite one."""
-    kc, lc = center_gram(normalize_gram(k)), center_gram(normalize_gram(l))
+    kc, lc = normalize_gram(kc), normalize_gram(lc)
     nx2, ny2 = _trace(kc), _trace(lc)
     tol = tolerance(kc.dtype)
     deg = (nx2 <= tol) | (ny2 <= tol)
@@ -181,13 +180,13 @@ def procrustes_from_grams(k: Tensor, l: Tensor, angular: bool = False) -> Tensor
 
 
 def unit_centered_grams(k: Tensor, debiased: bool = False) -> Tensor:
-    """(L, n, n) raw Grams -> centered (or U-centered) Grams of unit Frobenius norm, so that
-    ``<u_i, u_j>`` is CKA; degenerate ones (see module doc) become all-zero."""
+    """(L, n, n) centered Grams -> (U-centered for ``debiased``) Grams of unit Frobenius norm,
+    so that ``<u_i, u_j>`` is CKA; degenerate ones (see module doc) become all-zero."""
     k = normalize_gram(k)
     if debiased:
         kc, ref = u_center_gram(k), _frob2(_zero_diagonal(k))
     else:
-        kc, ref = center_gram(k), _frob2(k)
+        kc, ref = k, _frob2(k)
     a2 = _frob2(kc)
     deg = a2 <= tolerance(kc.dtype) ** 2 * ref
     scale = torch.where(deg, torch.zeros_like(a2), torch.rsqrt(torch.where(deg, torch.ones_like(a2), a2)))

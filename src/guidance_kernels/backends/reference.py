@@ -1,9 +1,9 @@
 """Reference backend: the bilinear products in plain PyTorch (any device).
 
-Exact math with fp32 accumulation for fp16/bf16 inputs: low-precision activations are upcast
-one column (or row) block at a time, so the largest temporary is ``_BLOCK_ELEMS`` elements,
-never a whole activation. fp32 and fp64 inputs are used in place (no copies).
-See :mod:`guidance_kernels.backends` for the contract of each function.
+Exact math on the row-shifted activation ``x' = x - 1 x[0]`` (see the contract in
+:mod:`guidance_kernels.backends`), with fp32 accumulation for fp16/bf16 inputs. Activations are
+processed one column (or row) block at a time: the shift and the upcast make a block-sized
+temporary of at most ``_BLOCK_ELEMS`` elements, never a copy of a whole activation.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from torch import Tensor
 
 from guidance_kernels.backends import Backend, register_backend
 
-_BLOCK_ELEMS = 1 << 22  # largest upcast temporary, in elements (16 MiB of fp32)
+_BLOCK_ELEMS = 1 << 22  # largest temporary, in elements (16 MiB of fp32)
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -26,17 +26,20 @@ def _blocks(total: int, other: int):
     return [(s, min(s + step, total)) for s in range(0, total, step)]
 
 
+def _shifted_cols(x: Tensor, s: int, e: int, acc: torch.dtype) -> Tensor:
+    """Columns ``s:e`` of ``x - 1 x[0]`` in ``acc``."""
+    c = x[:, s:e].to(acc)
+    return c - c[:1]
+
+
 def gram(xs: list[Tensor]) -> list[Tensor]:
     out = []
     for x in xs:
         acc = acc_dtype(x.dtype)
-        if x.dtype == acc:
-            out.append(x @ x.T)
-            continue
         n, p = x.shape
         k = x.new_zeros((n, n), dtype=acc)
         for s, e in _blocks(p, n):
-            c = x[:, s:e].to(acc)
+            c = _shifted_cols(x, s, e, acc)
             k.addmm_(c, c.T)
         out.append(k)
     return out
@@ -46,14 +49,11 @@ def gram_backward(ms: list[Tensor], xs: list[Tensor]) -> list[Tensor]:
     out = []
     for m, x in zip(ms, xs):
         acc = acc_dtype(x.dtype)
-        if x.dtype == acc:
-            out.append(m.to(acc) @ x)
-            continue
         n, p = x.shape
         dx = torch.empty_like(x, memory_format=torch.contiguous_format)
         m = m.to(acc)
         for s, e in _blocks(p, n):
-            dx[:, s:e] = m @ x[:, s:e].to(acc)
+            dx[:, s:e] = m @ _shifted_cols(x, s, e, acc)
         out.append(dx)
     return out
 
@@ -64,19 +64,24 @@ def cross(xs: list[Tensor], ys: list[Tensor]):
         acc = acc_dtype(x.dtype)
         n, p = x.shape
         q = y.shape[1]
+        x0, y0 = x[0].to(acc), y[0].to(acc)
         a = x.new_zeros((p, p), dtype=acc)
         b = x.new_zeros((q, q), dtype=acc)
         c = x.new_zeros((p, q), dtype=acc)
+        su = x.new_zeros((p,), dtype=acc)
+        sv = x.new_zeros((q,), dtype=acc)
         for s, e in _blocks(n, p + q):
-            xb, yb = x[s:e].to(acc), y[s:e].to(acc)
+            xb, yb = x[s:e].to(acc) - x0, y[s:e].to(acc) - y0
             a.addmm_(xb.T, xb)
             b.addmm_(yb.T, yb)
             c.addmm_(xb.T, yb)
+            su += xb.sum(0)
+            sv += yb.sum(0)
         aa.append(a)
         bb.append(b)
         cc.append(c)
-        sx.append(x.sum(0, dtype=acc))
-        sy.append(y.sum(0, dtype=acc))
+        sx.append(su)
+        sy.append(sv)
     return aa, bb, cc, sx, sy
 
 
@@ -85,10 +90,12 @@ def cross_backward(xs, ms, ys, ns, vs) -> list[Tensor]:
     for x, m, y, nn_, v in zip(xs, ms, ys, ns, vs):
         acc = acc_dtype(x.dtype)
         n, p = x.shape
+        x0, y0 = x[0].to(acc), y[0].to(acc)
         dx = torch.empty_like(x, memory_format=torch.contiguous_format)
         m, nn_, v = m.to(acc), nn_.to(acc), v.to(acc)
         for s, e in _blocks(n, p + y.shape[1]):
-            dx[s:e] = torch.addmm(v, x[s:e].to(acc), m).addmm_(y[s:e].to(acc), nn_)
+            xb, yb = x[s:e].to(acc) - x0, y[s:e].to(acc) - y0
+            dx[s:e] = torch.addmm(v, xb, m).addmm_(yb, nn_)
         out.append(dx)
     return out
 

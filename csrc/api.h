@@ -16,14 +16,15 @@ constexpr int kTileN = 64;  // output tile cols
 constexpr int kTileK = 32;  // reduction step per shared-memory stage
 
 // ---------------------------------------------------------------------------------------------
-// Forward "product" jobs (split-K, fp32 atomics into zero-initialised outputs).
-//   layout NT (gram):  out[m][n] += sum_k U[m][k] * V[n][k]      U: M x K, V: N x K (row-major)
-//   layout TN (cross): out[m][n] += sum_k U[k][m] * V[k][n]      U: K x M, V: K x N (row-major)
+// Forward "product" jobs (split-K, fp32 atomics into zero-initialised outputs), of the
+// row-shifted activations U' = U - 1 U[0], V' = V - 1 V[0] (row 0 = the first sample, at u / v):
+//   layout NT (gram):  out[m][n] += sum_k U'[m][k] * V'[n][k]    U: M x K, V: N x K (row-major)
+//   layout TN (cross): out[m][n] += sum_k U'[k][m] * V'[k][n]    U: K x M, V: K x N (row-major)
 // U/V are activations (dtype DType) with unit column stride and row stride ldu/ldv (elements).
 // symmetric: U == V and M == N; only tiles ti <= tj are listed and off-diagonal tiles are
 // mirrored into out[n][m] as well.
-// sum_u / sum_v (TN only, may be null): column sums of U / V (length M / N), accumulated by the
-// tiles with tj == 0 / ti == 0.
+// sum_u / sum_v (TN only, may be null): column sums of U' / V' (length M / N), accumulated by
+// the tiles with tj == 0 / ti == 0 (cross puts them on its symmetric jobs, as sum_v).
 // accumulate == 0 when the job's K range is a single split: each output element then has one
 // writer and is stored (no zero fill, no atomics).
 struct ProductJob {
@@ -54,8 +55,9 @@ struct ProductWork {
 
 // ---------------------------------------------------------------------------------------------
 // Backward jobs: out[m][j] = sum_t sum_k A_t[m][k] * B_t[k][j] + bias[j]   (out: M x N, x dtype)
-//   gram_backward  (kind 0): one term, A = ms (fp32, M x M, row-major, lda), B = x (activation).
-//   cross_backward (kind 1): two terms, A_t = activation (x, then y), B_t = fp32 (m, then n);
+// where the activation operand is row-shifted (x' = x - 1 x[0]) as it is loaded:
+//   gram_backward  (kind 0): one term, A = ms (fp32, M x M, row-major, lda), B = x'.
+//   cross_backward (kind 1): two terms, A_t = activation (x', then y'), B_t = fp32 (m, then n);
 //                            bias = v (fp32, may be null).
 // Every element of out is written exactly once (no atomics, no zero fill needed).
 struct MixedJob {

@@ -8,11 +8,10 @@
 // machine without a GPU: list lengths, rank, dtype, shapes, strides, and devices last.
 
 // Light headers instead of <torch/extension.h> (which pulls in the whole C++ frontend): the
-// Tensor class, the two ATen ops used here and torch's pybind11 type casters. This file is the
+// Tensor class, the ATen op used here and torch's pybind11 type casters. This file is the
 // critical path of the build, so this roughly halves the build time.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/sum.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include <c10/cuda/CUDAGuard.h>
@@ -188,7 +187,9 @@ at::TensorOptions f32_on(const at::Device& d) { return at::TensorOptions().dtype
 }  // namespace
 
 // ------------------------------------------------------------------------------------ gram
-// xs[i]: (n_i, p_i) -> [xs[i] @ xs[i].T] as (n_i, n_i) float32.
+// Every product is of the row-shifted activation x' = x - 1 x[0] (x'[i][f] = x[i][f] - x[0][f]);
+// the kernels subtract row 0 while loading tiles (no copy of the activation, no extra pass).
+// xs[i]: (n_i, p_i) -> [x' @ x'.T] as (n_i, n_i) float32.
 TensorList gram(const TensorList& xs) {
   if (xs.empty()) return {};
   const auto dtype = xs[0].scalar_type();
@@ -224,7 +225,7 @@ TensorList gram(const TensorList& xs) {
   return out;
 }
 
-// ms[i]: (n_i, n_i) float32, xs[i]: (n_i, p_i) -> [ms[i] @ xs[i]] as (n_i, p_i) in xs' dtype.
+// ms[i]: (n_i, n_i) float32, xs[i]: (n_i, p_i) -> [ms[i] @ x'] as (n_i, p_i) in xs' dtype.
 TensorList gram_backward(const TensorList& ms, const TensorList& xs) {
   CHECK_SAME_LENGTH(ms, xs);
   if (xs.empty()) return {};
@@ -276,7 +277,8 @@ TensorList gram_backward(const TensorList& ms, const TensorList& xs) {
 }
 
 // ------------------------------------------------------------------------------------ cross
-// Pairs xs[i]: (n_i, p_i), ys[i]: (n_i, q_i) -> ([xᵀx], [yᵀy], [xᵀy], [Σ_rows x], [Σ_rows y]).
+// Pairs xs[i]: (n_i, p_i), ys[i]: (n_i, q_i) -> ([x'ᵀx'], [y'ᵀy'], [x'ᵀy'], [Σ_rows x'], [Σ_rows y'])
+// with x' = x - 1 x[0], y' = y - 1 y[0].
 std::tuple<TensorList, TensorList, TensorList, TensorList, TensorList> cross(const TensorList& xs,
                                                                              const TensorList& ys) {
   CHECK_SAME_LENGTH(xs, ys);
@@ -322,22 +324,18 @@ std::tuple<TensorList, TensorList, TensorList, TensorList, TensorList> cross(con
       J.symmetric = sym;
       return J;
     };
-    plan.jobs.push_back(job(x, x, aa.back(), p, p, 1));
+    // The column sums of x' / y' ride on the symmetric jobs' first tile row (ti == 0 covers
+    // every column once), so they are right even when the other side is empty (p or q == 0).
+    gk::ProductJob A = job(x, x, aa.back(), p, p, 1);
+    A.sum_v = sx.back().data_ptr<float>();
+    plan.jobs.push_back(A);
     plan.tiles.push_back(tp * (tp + 1) / 2);
-    plan.jobs.push_back(job(y, y, bb.back(), q, q, 1));
+    gk::ProductJob B = job(y, y, bb.back(), q, q, 1);
+    B.sum_v = sy.back().data_ptr<float>();
+    plan.jobs.push_back(B);
     plan.tiles.push_back(tq * (tq + 1) / 2);
-    gk::ProductJob C = job(x, y, cc.back(), p, q, 0);
-    C.sum_u = sx.back().data_ptr<float>();
-    C.sum_v = sy.back().data_ptr<float>();
-    plan.jobs.push_back(C);
+    plan.jobs.push_back(job(x, y, cc.back(), p, q, 0));
     plan.tiles.push_back(tp * tq);
-    // The column sums ride on the x^T y job's tiles; with p == 0 or q == 0 that job has no
-    // tiles, so the other sum is done here (rare: empty feature dims).
-    if (p == 0 || q == 0) {
-      sx.back().copy_(at::sum(x, {0}, /*keepdim=*/false, at::kFloat));
-      sy.back().copy_(at::sum(y, {0}, /*keepdim=*/false, at::kFloat));
-      plan.jobs.back().sum_u = plan.jobs.back().sum_v = nullptr;
-    }
   }
   int64_t num_work = 0;
   size_t work_off = 0;
@@ -350,7 +348,8 @@ std::tuple<TensorList, TensorList, TensorList, TensorList, TensorList> cross(con
   return {aa, bb, cc, sx, sy};
 }
 
-// [xs[i] @ ms[i] + ys[i] @ ns[i] + vs[i]]: x (n,p), m (p,p), y (n,q), n (q,p), v (p,) -> (n,p).
+// [x' @ ms[i] + y' @ ns[i] + vs[i]]: x (n,p), m (p,p), y (n,q), n (q,p), v (p,) -> (n,p), with
+// x' = x - 1 x[0], y' = y - 1 y[0].
 TensorList cross_backward(const TensorList& xs, const TensorList& ms, const TensorList& ys,
                           const TensorList& ns, const TensorList& vs) {
   CHECK_SAME_LENGTH(xs, ms);
@@ -422,13 +421,18 @@ TensorList cross_backward(const TensorList& xs, const TensorList& ms, const Tens
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "guidance_kernels CUDA kernels: grouped Gram / cross-covariance products and their "
             "backward passes (see guidance_kernels.backends.cuda)";
-  m.def("gram", &gram, "[x @ x.T] (fp32) for a list of 2-D CUDA tensors of one dtype",
+  m.def("gram", &gram,
+        "[x' @ x'.T] (fp32), x' = x - x[0] (row-shifted), for a list of 2-D CUDA tensors of one "
+        "dtype",
         py::arg("xs"));
-  m.def("gram_backward", &gram_backward, "[m @ x] in x's dtype", py::arg("ms"), py::arg("xs"));
-  m.def("cross", &cross, "([xᵀx], [yᵀy], [xᵀy], [Σx], [Σy]) (fp32) for pairs", py::arg("xs"),
-        py::arg("ys"));
-  m.def("cross_backward", &cross_backward, "[x @ m + y @ n + v] in x's dtype", py::arg("xs"),
-        py::arg("ms"), py::arg("ys"), py::arg("ns"), py::arg("vs"));
+  m.def("gram_backward", &gram_backward, "[m @ x'] in x's dtype (x' = x - x[0])", py::arg("ms"),
+        py::arg("xs"));
+  m.def("cross", &cross,
+        "([x'ᵀx'], [y'ᵀy'], [x'ᵀy'], [Σx'], [Σy']) (fp32) for pairs (x' = x - x[0], y' = y - y[0])",
+        py::arg("xs"), py::arg("ys"));
+  m.def("cross_backward", &cross_backward, "[x' @ m + y' @ n + v] in x's dtype (row-shifted)",
+        py::arg("xs"), py::arg("ms"), py::arg("ys"), py::arg("ns"), py::arg("vs"));
+  m.attr("ROW_SHIFTED") = true;
   m.attr("TILE_M") = gk::kTileM;
   m.attr("TILE_K") = gk::kTileK;
 }

@@ -1,10 +1,11 @@
 // Grouped kernel for the backward passes: out = sum_t A_t B_t (+ bias), one fp32 operand and
-// one activation operand per term, written in the activation dtype.
-//   gram_backward  (A_IS_ACT = false): out = ms @ x        (ms fp32 n x n, x n x p)
-//   cross_backward (A_IS_ACT = true):  out = x @ m + y @ n + v
-// Both operands are staged in shared memory as fp32 and multiplied with TF32 WMMA (16x16x8).
-// The fp32 operand is split into hi + lo TF32 parts (two MMAs); bf16/fp16 activations are exact
-// in TF32. fp32 activations are split as well (3xTF32), so every dtype gets ~fp32 accuracy.
+// one row-shifted activation operand x' = x - 1 x[0] per term, written in the activation dtype.
+//   gram_backward  (A_IS_ACT = false): out = ms @ x'                 (ms fp32 n x n, x n x p)
+//   cross_backward (A_IS_ACT = true):  out = x' @ m + y' @ n + v
+// Both operands are staged in shared memory as fp32 (x' subtracted in fp32 while loading) and
+// multiplied with 3xTF32 WMMA (16x16x8): each operand split into hi + lo TF32 parts, three MMAs.
+// (x' of bf16/fp16 activations is no longer exact in TF32, so both sides are split for every
+// dtype: ~fp32 accuracy before the final rounding to the activation dtype.)
 // Each output element has exactly one writer: no atomics, no zero fill, no K split (K <= p+q).
 #pragma once
 
@@ -56,7 +57,6 @@ __global__ void __launch_bounds__(kThreads)
     mixed_bwd_kernel(const MixedJob* __restrict__ jobs, int num_jobs) {
 #if GK_TENSOR_CORES
   using S = typename Elem<T>::storage;
-  constexpr bool kActExact = sizeof(S) == 2;  // bf16 / fp16 values are exact in TF32
   __shared__ __align__(128) float sA[kTileM * kLdA];
   __shared__ __align__(128) float sB[kTileK * kLdB];
   __shared__ __align__(128) float sC[kTileM * kLdC];
@@ -98,20 +98,24 @@ __global__ void __launch_bounds__(kThreads)
                              : (aligned16(a) && lda % 4 == 0);
     const bool vb = A_IS_ACT ? (aligned16(b) && ldb % 4 == 0)
                              : ((reinterpret_cast<uintptr_t>(b) % (4 * sizeof(S))) == 0 && ldb % 4 == 0);
+    // Reference row (row 0 of the activation) for this thread's 4 tile columns. gram_backward:
+    // the columns are features n0.., fixed for the block; cross_backward: the K range (features
+    // k..), reloaded per step.
+    float ref[4] = {0.f, 0.f, 0.f, 0.f};
+    if constexpr (!A_IS_ACT) {
+      load_ref_row<T, 4>(ref, static_cast<const S*>(b), n0 + thread_col<kTileN, 4>(), N, vb);
+    }
     for (int64_t k = 0; k < K; k += kTileK) {
       if constexpr (A_IS_ACT) {
-        load_tile_f32<T, kTileM, kTileK, kLdA>(sA, static_cast<const S*>(a), lda, m0, k, M, K, va);
-        load_tile_f32<float, kTileK, kTileN, kLdB>(sB, static_cast<const float*>(b), ldb, k, n0, K, N, vb);
+        load_ref_row<T, 4>(ref, static_cast<const S*>(a), k + thread_col<kTileK, 4>(), K, va);
+        load_tile_f32<T, kTileM, kTileK, kLdA, true>(sA, static_cast<const S*>(a), lda, m0, k, M, K, va, ref);
+        load_tile_f32<float, kTileK, kTileN, kLdB, false>(sB, static_cast<const float*>(b), ldb, k, n0, K, N, vb, ref);
       } else {
-        load_tile_f32<float, kTileM, kTileK, kLdA>(sA, static_cast<const float*>(a), lda, m0, k, M, K, va);
-        load_tile_f32<T, kTileK, kTileN, kLdB>(sB, static_cast<const S*>(b), ldb, k, n0, K, N, vb);
+        load_tile_f32<float, kTileM, kTileK, kLdA, false>(sA, static_cast<const float*>(a), lda, m0, k, M, K, va, ref);
+        load_tile_f32<T, kTileK, kTileN, kLdB, true>(sB, static_cast<const S*>(b), ldb, k, n0, K, N, vb, ref);
       }
       __syncthreads();
-      if constexpr (A_IS_ACT) {
-        mixed_mma<kActExact, false>(acc, sA, sB, wm, wn);
-      } else {
-        mixed_mma<false, kActExact>(acc, sA, sB, wm, wn);
-      }
+      mixed_mma<false, false>(acc, sA, sB, wm, wn);
       __syncthreads();
     }
   }

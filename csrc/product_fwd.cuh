@@ -1,8 +1,11 @@
 // Grouped split-K "product" kernel for the forward passes (gram: NT layout, cross: TN layout).
 // One launch covers every layer: blockIdx.x indexes a work list of (job, tile, K-range) items.
-// Each 64 x 64 output tile is accumulated in fp32 by tensor cores (bf16/fp16 WMMA 16x16x16 with
-// exact products; fp32 inputs use 3xTF32 WMMA 16x16x8, ~fp32 accuracy) and added to the
-// zero-initialised fp32 output with atomics, mirrored for symmetric off-diagonal tiles.
+// Every product is of the row-shifted activations x' = x - 1 x[0] (subtracted in fp32 while the
+// tiles are loaded). Each 64 x 64 output tile is accumulated in fp32 by tensor cores: fp32 inputs
+// use 3xTF32 WMMA 16x16x8 on x' (~fp32 accuracy); bf16/fp16 inputs split x' into bf16 hi + lo
+// and use up to three bf16 WMMA 16x16x16 products (the lo ones are skipped for K steps where
+// x' is exact in bf16). Results are added to the zero-initialised fp32 output with atomics
+// (split K) or stored, mirrored for symmetric off-diagonal tiles.
 #pragma once
 
 #include "common.cuh"
@@ -39,32 +42,76 @@ __device__ __forceinline__ void add_or_store(float* p, float v, bool accumulate)
 template <typename T, bool TN>
 struct FwdSmem {
   using S = typename Elem<T>::storage;
+  static constexpr bool kSplit = sizeof(S) == 2;  // 16-bit inputs: bf16 hi + lo tiles
   static constexpr int kPad = 16 / sizeof(S);
   static constexpr int kRows = TN ? kTileK : kTileM;  // shared tile rows
   static constexpr int kCols = TN ? kTileM : kTileK;  // shared tile cols
   static constexpr int kLd = kCols + kPad;
+  static constexpr int kElems = kRows * kLd;
 };
 
-// acc[i][j] += U_tile * V_tile for this warp's 32 x 32 quarter (16-bit inputs).
-template <typename T, bool TN, typename Acc>
-__device__ __forceinline__ void fwd_mma_16bit(Acc (&acc)[2][2], const T* sU, const T* sV, int wm,
-                                              int wn) {
-  constexpr int LD = FwdSmem<T, TN>::kLd;
+// acc[i][j] += U_tile * V_tile for this warp's 32 x 32 quarter, 16-bit inputs held as bf16
+// hi + lo pairs: hi*hi (+ lo*hi + hi*lo when `with_lo`, block-uniform). bf16 WMMA products are
+// exact and accumulate in fp32, so this is ~16-bit-pair accurate (the lo*lo term, <= 2^-16 of
+// the product, is dropped).
+template <bool TN, typename Acc>
+__device__ __forceinline__ void fwd_mma_16bit(Acc (&acc)[2][2], const __nv_bfloat16* sUh,
+                                              const __nv_bfloat16* sUl, const __nv_bfloat16* sVh,
+                                              const __nv_bfloat16* sVl, int wm, int wn,
+                                              bool with_lo) {
+  constexpr int LD = FwdSmem<__nv_bfloat16, TN>::kLd;
   using LayoutA = typename std::conditional<TN, wmma::col_major, wmma::row_major>::type;
   using LayoutB = typename std::conditional<TN, wmma::row_major, wmma::col_major>::type;
 #pragma unroll
   for (int kk = 0; kk < kTileK; kk += 16) {
-    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, LayoutA> a[2];
-    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, LayoutB> b[2];
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, LayoutA> a[2];
+    wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, LayoutB> b[2];
+    if (with_lo) {
+      // lo(U) * hi(V), then hi(U) * lo(V): small terms first.
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const int m = wm * 32 + i * 16;
-      wmma::load_matrix_sync(a[i], TN ? sU + kk * LD + m : sU + m * LD + kk, LD);
-    }
+      for (int i = 0; i < 2; ++i) {
+        const int m = wm * 32 + i * 16;
+        wmma::load_matrix_sync(a[i], TN ? sUl + kk * LD + m : sUl + m * LD + kk, LD);
+      }
 #pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      const int n = wn * 32 + j * 16;
-      wmma::load_matrix_sync(b[j], TN ? sV + kk * LD + n : sV + n * LD + kk, LD);
+      for (int j = 0; j < 2; ++j) {
+        const int n = wn * 32 + j * 16;
+        wmma::load_matrix_sync(b[j], TN ? sVh + kk * LD + n : sVh + n * LD + kk, LD);
+      }
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const int m = wm * 32 + i * 16;
+        wmma::load_matrix_sync(a[i], TN ? sUh + kk * LD + m : sUh + m * LD + kk, LD);
+      }
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const int n = wn * 32 + j * 16;
+        wmma::load_matrix_sync(b[j], TN ? sVl + kk * LD + n : sVl + n * LD + kk, LD);
+      }
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const int n = wn * 32 + j * 16;
+        wmma::load_matrix_sync(b[j], TN ? sVh + kk * LD + n : sVh + n * LD + kk, LD);
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const int m = wm * 32 + i * 16;
+        wmma::load_matrix_sync(a[i], TN ? sUh + kk * LD + m : sUh + m * LD + kk, LD);
+      }
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const int n = wn * 32 + j * 16;
+        wmma::load_matrix_sync(b[j], TN ? sVh + kk * LD + n : sVh + n * LD + kk, LD);
+      }
     }
 #pragma unroll
     for (int i = 0; i < 2; ++i)
@@ -107,15 +154,40 @@ __device__ __forceinline__ void fwd_mma_f32(Acc (&acc)[2][2], const float* sU, c
   }
 }
 
+// Sum of the shifted tile's column c (this K step) from shared memory.
+template <bool SPLIT, int LD>
+__device__ __forceinline__ float tile_colsum(const void* s_hi, const void* s_lo, int c) {
+  float t = 0.f;
+  if constexpr (SPLIT) {
+    const __nv_bfloat16* h = static_cast<const __nv_bfloat16*>(s_hi);
+    const __nv_bfloat16* l = static_cast<const __nv_bfloat16*>(s_lo);
+#pragma unroll 8
+    for (int kk = 0; kk < kTileK; ++kk)
+      t += __bfloat162float(h[kk * LD + c]) + __bfloat162float(l[kk * LD + c]);
+  } else {
+    const float* f = static_cast<const float*>(s_hi);
+#pragma unroll 8
+    for (int kk = 0; kk < kTileK; ++kk) t += f[kk * LD + c];
+  }
+  return t;
+}
+
+// Products of the row-shifted activations U' = U - 1 U[0], V' = V - 1 V[0] (row 0 = the first
+// sample: in NT the first row of U/V, in TN the first row of the K range's matrix, i.e. J.u/J.v
+// itself; the shift is applied while loading, see load_tile_fwd).
 template <typename T, bool TN>
 __global__ void __launch_bounds__(kThreads)
     product_fwd_kernel(const ProductJob* __restrict__ jobs, const ProductWork* __restrict__ work) {
 #if GK_TENSOR_CORES
   using S = typename Elem<T>::storage;
   using Sm = FwdSmem<T, TN>;
+  constexpr bool kSplit = Sm::kSplit;
   constexpr int LD = Sm::kLd;
-  __shared__ __align__(128) S sU[Sm::kRows * LD];
-  __shared__ __align__(128) S sV[Sm::kRows * LD];
+  constexpr int VEC = 16 / sizeof(S);
+  __shared__ __align__(128) S sU[Sm::kElems];
+  __shared__ __align__(128) S sV[Sm::kElems];
+  __shared__ __align__(128) S sUl[kSplit ? Sm::kElems : 1];
+  __shared__ __align__(128) S sVl[kSplit ? Sm::kElems : 1];
   __shared__ __align__(128) float sC[kTileM * kLdC];
 
   const ProductWork w = work[blockIdx.x];
@@ -127,13 +199,20 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t n0 = int64_t(w.tj) * kTileN;
   const S* U = static_cast<const S*>(J.u);
   const S* V = static_cast<const S*>(J.v);
-  constexpr int VEC = 16 / sizeof(S);
   const bool vu = aligned16(U) && (J.ldu % VEC == 0);
   const bool vv = aligned16(V) && (J.ldv % VEC == 0);
   // Column sums (cross only): threads 0..63 sum U's tile columns, 64..127 V's.
   const bool do_su = TN && J.sum_u != nullptr && w.tj == 0;
   const bool do_sv = TN && J.sum_v != nullptr && w.ti == 0;
   float colsum = 0.f;
+
+  // Reference values (row 0) for this thread's tile columns. TN: the columns are features, fixed
+  // for the block, so they are loaded once; NT: the columns are the K range, reloaded per step.
+  float refU[VEC], refV[VEC];
+  if constexpr (TN) {
+    load_ref_row<T, VEC>(refU, U, m0 + thread_col<kTileM, VEC>(), J.M, vu);
+    load_ref_row<T, VEC>(refV, V, n0 + thread_col<kTileN, VEC>(), J.N, vv);
+  }
 
   using AccFrag = wmma::fragment<wmma::accumulator, 16, 16, (sizeof(S) == 2 ? 16 : 8), float>;
   AccFrag acc[2][2];
@@ -143,30 +222,33 @@ __global__ void __launch_bounds__(kThreads)
     for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
 
   for (int64_t k = w.k0; k < w.k1; k += kTileK) {
+    bool lo = false;
     if constexpr (TN) {
-      load_tile_raw<S, kTileK, kTileM, LD>(sU, U, J.ldu, k, m0, w.k1, J.M, vu);
-      load_tile_raw<S, kTileK, kTileN, LD>(sV, V, J.ldv, k, n0, w.k1, J.N, vv);
+      lo |= load_tile_fwd<T, kTileK, kTileM, LD>(sU, sUl, U, J.ldu, k, m0, w.k1, J.M, vu, refU);
+      lo |= load_tile_fwd<T, kTileK, kTileN, LD>(sV, sVl, V, J.ldv, k, n0, w.k1, J.N, vv, refV);
     } else {
-      load_tile_raw<S, kTileM, kTileK, LD>(sU, U, J.ldu, m0, k, J.M, w.k1, vu);
-      load_tile_raw<S, kTileN, kTileK, LD>(sV, V, J.ldv, n0, k, J.N, w.k1, vv);
+      const int64_t kc = k + thread_col<kTileK, VEC>();
+      load_ref_row<T, VEC>(refU, U, kc, w.k1, vu);
+      load_ref_row<T, VEC>(refV, V, kc, w.k1, vv);
+      lo |= load_tile_fwd<T, kTileM, kTileK, LD>(sU, sUl, U, J.ldu, m0, k, J.M, w.k1, vu, refU);
+      lo |= load_tile_fwd<T, kTileN, kTileK, LD>(sV, sVl, V, J.ldv, n0, k, J.N, w.k1, vv, refV);
     }
-    __syncthreads();
+    // One barrier that also tells every warp whether any lo part of this step is nonzero.
+    const bool with_lo = __syncthreads_or(lo) != 0;
     if constexpr (TN) {
-      if (do_su && tid < kTileM) {
-#pragma unroll 8
-        for (int kk = 0; kk < kTileK; ++kk) colsum += Elem<T>::to_float(sU[kk * LD + tid]);
-      }
-      if (do_sv && tid >= kThreads - kTileN) {
-        const int c = tid - (kThreads - kTileN);
-#pragma unroll 8
-        for (int kk = 0; kk < kTileK; ++kk) colsum += Elem<T>::to_float(sV[kk * LD + c]);
-      }
+      if (do_su && tid < kTileM) colsum += tile_colsum<kSplit, LD>(sU, sUl, tid);
+      if (do_sv && tid >= kThreads - kTileN)
+        colsum += tile_colsum<kSplit, LD>(sV, sVl, tid - (kThreads - kTileN));
     }
-    if constexpr (sizeof(S) == 2) {
-      fwd_mma_16bit<T, TN>(acc, reinterpret_cast<const T*>(sU), reinterpret_cast<const T*>(sV),
-                           wm, wn);
+    if constexpr (kSplit) {
+      fwd_mma_16bit<TN>(acc, reinterpret_cast<const __nv_bfloat16*>(sU),
+                        reinterpret_cast<const __nv_bfloat16*>(sUl),
+                        reinterpret_cast<const __nv_bfloat16*>(sV),
+                        reinterpret_cast<const __nv_bfloat16*>(sVl), wm, wn, with_lo);
     } else {
-      fwd_mma_f32<TN>(acc, sU, sV, wm, wn);
+      (void)with_lo;
+      fwd_mma_f32<TN>(acc, reinterpret_cast<const float*>(sU), reinterpret_cast<const float*>(sV),
+                      wm, wn);
     }
     __syncthreads();
   }

@@ -10,8 +10,11 @@ Without a GPU (CI, the dev box) these tests check what can be checked on a CPU:
   order) is right, run against a fake extension that computes with the reference backend, also
   through the torch.library ops (autograd, opcheck).
 The ``gpu`` tests run the kernels: every primitive on awkward shapes (odd sizes, n = 1, p = 1,
-empty, strided views, split-K and unsplit) and the canonical workloads W1-W5 (GUIDE §3) at full
-size, against fp64 in value and gradient, for float32, float16 and bfloat16.
+empty, strided views, split-K and unsplit, a large common offset) and the canonical workloads
+W1-W5 (GUIDE §3) at full size, against fp64 in value and gradient, for float32, float16 and
+bfloat16, plus fp32 CKA of deep-MLP activations with a large common offset vs fp64.
+Every product is of the row-shifted activation ``x' = x - 1 x[0]`` (backend contract), so the
+expected values are fp64 products of ``shifted(x)``.
 """
 
 from __future__ import annotations
@@ -44,6 +47,18 @@ def fp64(t):
     return t.detach().double()
 
 
+def shifted(t):
+    """fp64 ``t - 1 t[0]`` (each sample minus the first one), differentiable (no detach)."""
+    t = t.double()
+    return t - t[:1]
+
+
+def centered(t):
+    """fp64 ``t - 1 mean(t)``, differentiable: what the ops (centered outputs) are built from."""
+    t = t.double()
+    return t - t.mean(0, keepdim=True)
+
+
 def _toolchain_present() -> bool:
     return torch.version.cuda is not None and (
         shutil.which("nvcc") is not None or bool(os.environ.get("CUDA_HOME"))
@@ -63,6 +78,7 @@ def test_extension_built_where_toolchain_present():
         pytest.skip("no nvcc / CPU-only torch: the extension is not expected here")
     assert cb._C is not None, cb._IMPORT_ERROR
     assert cb._IMPORT_ERROR is None
+    assert cb._C.ROW_SHIFTED is True
     for name in ("gram", "gram_backward", "cross", "cross_backward"):
         assert callable(getattr(cb._C, name))
 
@@ -86,6 +102,18 @@ def test_backend_cuda_on_cpu_tensors_says_why():
     with pytest.raises(RuntimeError, match=r"backend 'cuda' cannot run on cpu"):
         gk.guidance_loss([x], [torch.randn(4, 5)], backend="cuda")
     assert resolve_backend("auto", [x]) == "reference"
+
+
+def test_stale_extension_refused():
+    """An extension built from sources older than the row-shifted contract is refused."""
+
+    class Old:  # the old module: the four functions, no ROW_SHIFTED marker
+        gram = gram_backward = cross = cross_backward = staticmethod(lambda *a: None)
+
+    why = cb._stale_reason(Old())
+    assert why is not None and "stale" in why and "rebuild" in why
+    if cb._C is not None:
+        assert cb._stale_reason(cb._C) is None
 
 
 def test_missing_extension_reason(monkeypatch):
@@ -184,6 +212,8 @@ class FakeExt:
     kernels require (one dtype per call, unit column stride, fp32 contiguous factors) and computes
     with the reference backend."""
 
+    ROW_SHIFTED = True
+
     def __init__(self):
         self.calls = []
 
@@ -244,12 +274,12 @@ def test_glue_gram_and_backward(fake_ext):
     xs = _mixed_layers()
     got = cb.gram(xs)
     for k, x in zip(got, xs):
-        assert k.dtype == ref.acc_dtype(x.dtype) and rel(k, fp64(x) @ fp64(x).T) <= 1e-5
+        assert k.dtype == ref.acc_dtype(x.dtype) and rel(k, shifted(x) @ shifted(x).T) <= 1e-5
     assert [c[0] for c in fake_ext.calls] == ["gram"] * 3  # bf16, fp32, fp16 groups; fp64 -> reference
     ms = [torch.randn(6, 6, dtype=ref.acc_dtype(x.dtype)) for x in xs]
     for d, m, x in zip(cb.gram_backward(ms, xs), ms, xs):
         assert d.dtype == x.dtype and d.shape == x.shape
-        assert rel(d, fp64(m) @ fp64(x)) <= OUT_TOL.get(x.dtype, 1e-12)
+        assert rel(d, fp64(m) @ shifted(x)) <= OUT_TOL.get(x.dtype, 1e-12)
 
 
 def test_glue_cross_and_backward(fake_ext):
@@ -257,7 +287,7 @@ def test_glue_cross_and_backward(fake_ext):
     ys = _mixed_layers(2)[::-1]  # pairs of different dtypes -> fp32
     outs = cb.cross(xs, ys)
     for i, (x, y) in enumerate(zip(xs, ys)):
-        X, Y = fp64(x), fp64(y)
+        X, Y = shifted(x), shifted(y)
         want = (X.T @ X, Y.T @ Y, X.T @ Y, X.sum(0), Y.sum(0))
         for k in range(5):
             assert outs[k][i].dtype == ref.acc_dtype(x.dtype) or torch.float64 in (x.dtype, y.dtype)
@@ -267,7 +297,7 @@ def test_glue_cross_and_backward(fake_ext):
     vs = [torch.randn(x.shape[1]) for x in xs]
     got = cb.cross_backward(xs, ms, ys, ns, vs)
     for d, x, m, y, n, v in zip(got, xs, ms, ys, ns, vs):
-        want = fp64(x) @ fp64(m) + fp64(y) @ fp64(n) + fp64(v)
+        want = shifted(x) @ fp64(m) + shifted(y) @ fp64(n) + fp64(v)
         assert d.dtype == x.dtype and d.shape == x.shape
         assert rel(d, want) <= OUT_TOL.get(x.dtype, 1e-12) + 2e-3 * (x.dtype != y.dtype)
 
@@ -278,8 +308,13 @@ def test_glue_through_ops_autograd_and_opcheck(fake_ext):
     ks = ops.gram(xs, "cuda")
     w = [torch.randn(5, 5, generator=g) for _ in ks]
     grads = torch.autograd.grad(sum((k * r).sum() for k, r in zip(ks, w)), xs)
-    for gx, x, r in zip(grads, xs, w):
-        assert rel(gx, (fp64(r) + fp64(r).T) @ fp64(x)) <= 1e-5
+    xr = [fp64(x).requires_grad_() for x in xs]
+    kr = [centered(x) @ centered(x).T for x in xr]  # ops.gram returns centered Grams
+    for k, want in zip(ks, kr):
+        assert rel(k, want) <= 1e-5
+    want = torch.autograd.grad(sum((k * r).sum() for k, r in zip(kr, w)), xr)
+    for gx, wx in zip(grads, want):
+        assert rel(gx, wx) <= 1e-5
     ys = [torch.randn(5, 4, generator=g) for _ in xs]
     torch.library.opcheck(torch.ops.guidance_kernels.gram.default, ([x.detach() for x in xs], "cuda"))
     torch.library.opcheck(torch.ops.guidance_kernels.cross.default, ([x.detach() for x in xs], ys, "cuda"))
@@ -312,6 +347,9 @@ def _gpu_layers(dtype, seed=0):
         r(21, 90)[:, ::3],  # (21, 30), column stride 3
         r(50, 77)[3:40, 1:70],  # (37, 69), odd row stride 77 (scalar loads)
         r(50, 80)[2:39, 1:70],  # (37, 69), row stride 80 but base not 16-byte aligned
+        # large common offset (deep-layer-like): x' is exact in bf16/fp16 (Sterbenz), so the
+        # 16-bit kernels take the K steps without lo products; fp32 CKA depends on the shift
+        (torch.randn(48, 257, device="cuda", generator=g) * 0.01 + 3.0).to(dtype),
         r(96, 70_001),  # many K splits (atomics)
     ]
 
@@ -328,11 +366,12 @@ def test_gpu_gram(dtype):
     got = cb.gram(xs)
     for k, x in zip(got, xs):
         assert k.dtype == torch.float32 and k.shape == (x.shape[0], x.shape[0])
-        want = fp64(x) @ fp64(x).T
+        want = shifted(x) @ shifted(x).T
         if want.numel() and want.norm() > 0:
             assert rel(k, want) <= PROD_TOL, x.shape
         else:
-            assert torch.all(k == 0)  # p == 0: zeros, not NaN (outputs are NaN-poisoned)
+            # p == 0 or n == 1 (x' = 0): exact zeros, not NaN (outputs are NaN-poisoned)
+            assert torch.all(k == 0)
     # mirrored off-diagonal tiles and the diagonal tiles: symmetric to rounding
     for k in got:
         if k.numel() and k.norm() > 0:
@@ -349,7 +388,11 @@ def test_gpu_gram_backward(dtype):
     for d, m, x in zip(cb.gram_backward(ms, xs), ms, xs):
         assert d.dtype == dtype and d.shape == x.shape and d.is_contiguous()
         if d.numel():
-            assert rel(d, fp64(m) @ fp64(x)) <= OUT_TOL[dtype], x.shape
+            want = fp64(m) @ shifted(x)
+            if want.norm() > 0:
+                assert rel(d, want) <= OUT_TOL[dtype], x.shape
+            else:
+                assert torch.all(d == 0), x.shape  # n == 1: x' = 0
 
 
 @pytest.mark.gpu
@@ -359,10 +402,13 @@ def test_gpu_cross(dtype):
     g = torch.Generator(device="cuda").manual_seed(4)
     xs = [x for x in _gpu_layers(dtype, seed=3) if x.shape[1] < 5000]
     xs.append(torch.randn(5000, 70, device="cuda", generator=g).to(dtype))  # long n: split-K
-    ys = [_gpu_partner(x, q, dtype, g) for x, q in zip(xs, [3, 64, 65, 1, 130, 0, 33, 9, 200, 31, 7, 5, 33])]
+    qs = [3, 64, 65, 1, 130, 0, 33, 9, 200, 31, 7, 5, 70, 33]
+    assert len(qs) == len(xs)
+    ys = [_gpu_partner(x, q, dtype, g) for x, q in zip(xs, qs)]
+    ys[-2] = ys[-2] - 7.0  # the offset layer's partner gets an offset of its own
     outs = cb.cross(xs, ys)
     for i, (x, y) in enumerate(zip(xs, ys)):
-        X, Y = fp64(x), fp64(y)
+        X, Y = shifted(x), shifted(y)
         want = (X.T @ X, Y.T @ Y, X.T @ Y, X.sum(0), Y.sum(0))
         for k in range(5):
             o = outs[k][i]
@@ -379,7 +425,9 @@ def test_gpu_cross(dtype):
 def test_gpu_cross_backward(dtype):
     g = torch.Generator(device="cuda").manual_seed(5)
     xs = [x for x in _gpu_layers(dtype, seed=6) if x.shape[1] < 5000]
-    ys = [_gpu_partner(x, q, dtype, g) for x, q in zip(xs, [3, 64, 65, 1, 130, 0, 33, 9, 200, 31, 7, 5])]
+    qs = [3, 64, 65, 1, 130, 0, 33, 9, 200, 31, 7, 5, 70]
+    assert len(qs) == len(xs)
+    ys = [_gpu_partner(x, q, dtype, g) for x, q in zip(xs, qs)]
     f = lambda *s: torch.randn(*s, device="cuda", generator=g)  # noqa: E731
     ms = [f(x.shape[1], x.shape[1]) for x in xs]
     ns = [f(y.shape[1], x.shape[1]) for x, y in zip(xs, ys)]
@@ -387,7 +435,7 @@ def test_gpu_cross_backward(dtype):
     for d, x, m, y, n, v in zip(cb.cross_backward(xs, ms, ys, ns, vs), xs, ms, ys, ns, vs):
         assert d.dtype == dtype and d.shape == x.shape
         if d.numel():
-            want = fp64(x) @ fp64(m) + fp64(y) @ fp64(n) + fp64(v)
+            want = shifted(x) @ fp64(m) + shifted(y) @ fp64(n) + fp64(v)
             assert rel(d, want) <= OUT_TOL[dtype], (x.shape, y.shape)
 
 
@@ -397,11 +445,11 @@ def test_gpu_mixed_dtype_lists_and_fp64():
     g = torch.Generator(device="cuda").manual_seed(7)
     xs = [torch.randn(20, 33, device="cuda", generator=g).to(d) for d in (torch.bfloat16, torch.float64, torch.float16, torch.float32)]
     for k, x in zip(cb.gram(xs), xs):
-        assert k.dtype == ref.acc_dtype(x.dtype) and rel(k, fp64(x) @ fp64(x).T) <= PROD_TOL
+        assert k.dtype == ref.acc_dtype(x.dtype) and rel(k, shifted(x) @ shifted(x).T) <= PROD_TOL
     ys = xs[::-1]
     outs = cb.cross(xs, ys)
     for i, (x, y) in enumerate(zip(xs, ys)):
-        assert rel(outs[2][i], fp64(x).T @ fp64(y)) <= PROD_TOL
+        assert rel(outs[2][i], shifted(x).T @ shifted(y)) <= PROD_TOL
 
 
 @pytest.mark.gpu
@@ -414,14 +462,25 @@ def test_gpu_ops_autograd_opcheck_compile(dtype):
     ks = ops.gram(xs, "cuda")
     w = [torch.randn(k.shape, device="cuda", generator=g) for k in ks]
     grads = torch.autograd.grad(sum((k * r).sum() for k, r in zip(ks, w)), xs)
-    for gx, x, r in zip(grads, xs, w):
-        assert rel(gx, (fp64(r) + fp64(r).T) @ fp64(x)) <= OUT_TOL[dtype]
+    xr = [fp64(x).requires_grad_() for x in xs]
+    kr = [centered(x) @ centered(x).T for x in xr]  # ops.gram returns centered Grams
+    for k, want in zip(ks, kr):
+        assert rel(k, want) <= PROD_TOL
+    want = torch.autograd.grad(sum((k * r).sum() for k, r in zip(kr, w)), xr)
+    for gx, wx in zip(grads, want):
+        assert rel(gx, wx) <= OUT_TOL[dtype]
+    # ops.cross: centered Xcᵀ Xc, Ycᵀ Yc, Xcᵀ Yc and the column means
     a, b, c, sx, sy = ops.cross(xs, ys, "cuda")
     loss = sum(t.square().sum() for t in a + c + sx)
     grads = torch.autograd.grad(loss, xs)
     xr = [fp64(x).requires_grad_() for x in xs]
-    yr = [fp64(y) for y in ys]
-    want = sum((X.T @ X).square().sum() + (X.T @ Y).square().sum() + X.sum(0).square().sum() for X, Y in zip(xr, yr))
+    yr = [centered(y) for y in ys]
+    want = sum(
+        (centered(X).T @ centered(X)).square().sum()
+        + (centered(X).T @ Y).square().sum()
+        + X.mean(0).square().sum()
+        for X, Y in zip(xr, yr)
+    )
     for gx, wx in zip(grads, torch.autograd.grad(want, xr)):
         assert rel(gx, wx) <= 2 * OUT_TOL[dtype]
     det = [x.detach() for x in xs]
@@ -430,6 +489,48 @@ def test_gpu_ops_autograd_opcheck_compile(dtype):
     compiled = torch.compile(lambda t: ops.gram(t, "cuda"), fullgraph=True)
     for k1, k2 in zip(compiled(det), ops.gram(det, "cuda")):
         assert rel(k1, k2) <= 1e-6
+
+
+def _deep_mlp_acts(depth=12, n=512, width=256, seed=0):
+    """ReLU outputs of a default-initialised deep MLP (built and run on the CPU in fp32, so the
+    values do not depend on the GPU): deep layers share a large common offset."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = torch.nn.Sequential(*[m for _ in range(depth) for m in (torch.nn.Linear(width, width), torch.nn.ReLU())])
+        acts, h = [], torch.randn(n, width)
+    with torch.no_grad():
+        for m in net:
+            h = m(h)
+            if isinstance(m, torch.nn.ReLU):
+                acts.append(h)
+    return acts
+
+
+@pytest.mark.gpu
+@gpu_ready
+@pytest.mark.parametrize("n", [512, 96], ids=["feature_form", "sample_form"])
+def test_gpu_large_offset_cka_fp32(n):
+    """fp32 CKA through backend="cuda" of deep activations whose centered Gram is ~1e-7 of the raw
+    one matches fp64 to 1e-4 (centering a raw fp32 Gram got ~0.16 here instead of ~0.32)."""
+    acts = _deep_mlp_acts(n=n)
+    x, y, z = acts[-1], acts[1], _deep_mlp_acts(n=n, seed=1)[-1]
+    X = x.double()
+    k = X @ X.T
+    kc = k - k.mean(0, keepdim=True) - k.mean(1, keepdim=True) + k.mean()
+    assert (kc.norm() / k.norm()).item() < 1e-5  # the case is as hard as advertised
+    for a, b in [(x, y), (x, z), (x, x)]:
+        for debiased in (False, True):
+            want = gk.cka(a.double(), b.double(), debiased=debiased, backend="reference").item()
+            got = gk.cka(a.cuda(), b.cuda(), debiased=debiased, backend="cuda")
+            assert got.dtype == torch.float32
+            assert abs(got.item() - want) <= 1e-4, (debiased, got.item(), want)
+    # the raw products agree with fp64 shifted products to fp32 accuracy as well
+    xc = x.cuda()
+    assert rel(cb.gram([xc])[0], shifted(x) @ shifted(x).T) <= PROD_TOL
+    a, _, c, sx, _ = cb.cross([xc], [y.cuda()])
+    assert rel(a[0], shifted(x).T @ shifted(x)) <= PROD_TOL
+    assert rel(c[0], shifted(x).T @ shifted(y)) <= PROD_TOL
+    assert rel(sx[0], shifted(x).sum(0)) <= PROD_TOL
 
 
 def _flat(shape):
@@ -476,14 +577,14 @@ def test_gpu_workload(workload, dtype):
     k = min(4, len(xs))
     det = [x.detach() for x in xs[:k]]
     for kk, x in zip(cb.gram(det), det):
-        assert rel(kk, fp64(x) @ fp64(x).T) <= PROD_TOL
+        assert rel(kk, shifted(x) @ shifted(x).T) <= PROD_TOL
     m = [torch.randn(n, n, device="cuda", generator=g) for _ in det]
     for d, mm, x in zip(cb.gram_backward(m, det), m, det):
-        assert rel(d, fp64(mm) @ fp64(x)) <= OUT_TOL[dtype]
+        assert rel(d, fp64(mm) @ shifted(x)) <= OUT_TOL[dtype]
     if n > 4096:
         a, b, c, sx, sy = cb.cross(det[:2], ys[:2])
         for i in range(2):
-            X, Y = fp64(det[i]), fp64(ys[i])
+            X, Y = shifted(det[i]), shifted(ys[i])
             assert rel(a[i], X.T @ X) <= PROD_TOL and rel(b[i], Y.T @ Y) <= PROD_TOL
             assert rel(c[i], X.T @ Y) <= PROD_TOL and rel(sx[i], X.sum(0)) <= PROD_TOL
             assert rel(sy[i], Y.sum(0)) <= PROD_TOL

@@ -1,15 +1,18 @@
 """CUDA C++ backend: the compiled extension ``guidance_kernels._C`` (sources in ``csrc/``).
 
 One grouped launch per call and dtype for every layer (see :mod:`guidance_kernels.backends` for
-the contract):
+the contract). Every product is of the row-shifted activation ``x' = x - 1 x[0]``; the kernels
+subtract the first sample in fp32 while loading tiles (no copy of the activation, no extra pass):
 
 * ``gram`` / ``cross``: a zero-fill launch (only when some product's reduction is split) and one
   tensor-core kernel over a work list of ``(product, 64x64 output tile, K range)`` items;
-  symmetric products list only the upper tiles and mirror them. bf16/fp16 use WMMA 16x16x16
-  with exact products and fp32 accumulation; fp32 uses 3xTF32 (≈ fp32 accuracy).
-* ``gram_backward`` / ``cross_backward``: one kernel, one 64x64 output tile per block, the fp32
-  factor split into two TF32 halves so the result is ≈ fp32-accurate before the final rounding
-  to the activation dtype.
+  symmetric products list only the upper tiles and mirror them. bf16/fp16: ``x'`` is split into
+  bf16 hi + lo (≈16 significant bits) and multiplied with up to three bf16 WMMA 16x16x16 products
+  (fp32 accumulation; the lo products are skipped where ``x'`` is exact in bf16); fp32 uses
+  3xTF32 on ``x'`` (≈ fp32 accuracy).
+* ``gram_backward`` / ``cross_backward``: one kernel, one 64x64 output tile per block, 3xTF32
+  (both operands split into two TF32 halves) so the result is ≈ fp32-accurate before the final
+  rounding to the activation dtype.
 
 The host never syncs with the device; the per-call descriptor table goes host->device from
 pinned memory with ``non_blocking=True``. Split-K sums use fp32 atomics, so results may differ in
@@ -56,6 +59,23 @@ except ImportError as e:  # e.g. built against another torch: undefined symbols
         f"the CUDA extension guidance_kernels._C failed to import ({e}); rebuild it against the "
         f"installed torch {torch.__version__}: {_BUILD_HINT}"
     )
+
+
+def _stale_reason(ext) -> Optional[str]:
+    """Why ``ext`` must not be used, or None. An extension built from sources older than the
+    row-shifted product contract computes products of the raw activation: silently wrong, so it
+    is refused until rebuilt (an editable install keeps the old ``.so`` until then)."""
+    if not getattr(ext, "ROW_SHIFTED", False):
+        return (
+            "the CUDA extension guidance_kernels._C is stale (built before the row-shifted "
+            f"product contract x' = x - x[0]); rebuild it: {_BUILD_HINT}"
+        )
+    return None
+
+
+if _C is not None and _stale_reason(_C) is not None:
+    _IMPORT_ERROR = _stale_reason(_C)
+    _C = None
 
 if _IMPORT_ERROR is not None and torch.cuda.is_available():
     # Said once per process, where a GPU user would otherwise silently lose the fast path.

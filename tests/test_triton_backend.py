@@ -1,6 +1,10 @@
 """Triton backend: every primitive against fp64 math, end to end against the reference backend,
 opcheck and torch.compile through the ops.
 
+Every product is of the row-shifted activation ``x' = x - 1 x[0]`` (the backend contract), so
+the fp64 expectations are built from :func:`sh`; inputs carry common offsets so that an
+unshifted (or wrongly shifted) kernel fails.
+
 Without CUDA this runs the kernels under TRITON_INTERPRET=1 (set by conftest) on tiny shapes;
 launch parameters are shrunk (16x16 tiles, short K chunks) so that several tiles per layer, the
 symmetric mirror, split-K with the finalize pass and the unsplit direct store are all exercised.
@@ -43,28 +47,35 @@ def rel(got, want):
 
 def layers(dtype, seed=0):
     """Layers of different feature sizes: odd n and p, n = 2, p = 1, and three non-contiguous
-    views (transposed, column-strided, row-sliced)."""
+    views (transposed, column-strided, row-sliced); some with a common offset."""
     g = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=g).to(dtype).to(DEV)  # noqa: E731
+    r = lambda *s, off=0.0: (torch.randn(*s, generator=g) + off).to(dtype).to(DEV)  # noqa: E731
     return [
-        r(33, 100),
+        r(33, 100, off=3.0),
         r(5, 37),
-        r(2, 3),
+        r(2, 3, off=-2.0),
         r(17, 1),
-        r(40, 19).T,  # (19, 40), feature stride != 1
+        r(40, 19, off=1.5).T,  # (19, 40), feature stride != 1
         r(21, 90)[:, ::3],  # (21, 30), feature stride 3
-        r(50, 64)[7:38],  # (31, 64), storage offset
+        r(50, 64, off=-4.0)[7:38],  # (31, 64), storage offset
     ]
 
 
 def partners(xs, dtype, seed=1):
     g = torch.Generator().manual_seed(seed)
     qs = [11, 50, 4, 23, 33, 9, 64]
-    return [torch.randn(x.shape[0], q, generator=g).to(dtype).to(DEV) for x, q in zip(xs, qs)]
+    offs = [1.0, -3.0, 0.0, 2.0, 0.0, 5.0, 0.0]
+    return [(torch.randn(x.shape[0], q, generator=g) + o).to(dtype).to(DEV) for x, q, o in zip(xs, qs, offs)]
 
 
 def fp64(t):
     return t.detach().double()
+
+
+def sh(t):
+    """The row-shifted activation ``t - 1 t[0]`` in fp64 (what every product is of)."""
+    t = fp64(t)
+    return t - t[:1]
 
 
 # --------------------------------------------------------------------------- primitives
@@ -76,7 +87,7 @@ def test_gram(dtype, mode):
         got = tb.gram(xs)
     for k, x in zip(got, xs):
         assert k.dtype == torch.float32 and k.shape == (x.shape[0], x.shape[0])
-        assert rel(k, fp64(x) @ fp64(x).T) <= TOL[dtype]
+        assert rel(k, sh(x) @ sh(x).T) <= TOL[dtype]
         assert torch.equal(k, k.T)  # diagonal tiles symmetrized, off-diagonal mirrored
 
 
@@ -90,7 +101,7 @@ def test_gram_backward(dtype):
         got = tb.gram_backward(ms, xs)
     for d, m, x in zip(got, ms, xs):
         assert d.dtype == x.dtype and d.shape == x.shape
-        assert rel(d, fp64(m) @ fp64(x)) <= TOL[dtype]
+        assert rel(d, fp64(m) @ sh(x)) <= TOL[dtype]
 
 
 def test_gram_backward_fp16_tiny_gradients():
@@ -101,7 +112,7 @@ def test_gram_backward_fp16_tiny_gradients():
     m = 1e-6 * torch.randn(33, 33, generator=g).to(DEV)
     with tb.tuning(**SMALL):
         (d,) = tb.gram_backward([m], [x])
-    assert rel(d, fp64(m) @ fp64(x)) <= 2e-3
+    assert rel(d, fp64(m) @ sh(x)) <= 2e-3
 
 
 @pytest.mark.parametrize("mode", ["split", "direct"])
@@ -112,7 +123,7 @@ def test_cross(dtype, mode):
     with tb.tuning(**(SPLIT if mode == "split" else DIRECT)):
         got = tb.cross(xs, ys)
     for i, (x, y) in enumerate(zip(xs, ys)):
-        X, Y = fp64(x), fp64(y)
+        X, Y = sh(x), sh(y)
         for j, want in enumerate([X.T @ X, Y.T @ Y, X.T @ Y, X.sum(0), Y.sum(0)]):
             assert got[j][i].dtype == torch.float32 and got[j][i].shape == want.shape
             assert rel(got[j][i], want) <= TOL[dtype], (i, j)
@@ -132,7 +143,7 @@ def test_cross_backward(dtype):
         got = tb.cross_backward(xs, ms, ys, ns, vs)
     for d, x, m, y, n_, v in zip(got, xs, ms, ys, ns, vs):
         assert d.dtype == x.dtype and d.shape == x.shape
-        want = fp64(x) @ fp64(m) + fp64(y) @ fp64(n_) + fp64(v)
+        want = sh(x) @ fp64(m) + sh(y) @ fp64(n_) + fp64(v)
         assert rel(d, want) <= TOL[dtype]
 
 
@@ -153,9 +164,11 @@ def test_mixed_and_fp64_dtypes():
     assert grams[2].dtype == torch.float64 and a[2].dtype == torch.float64
     for i, (x, y) in enumerate(zip(xs, ys)):
         tol = 1e-2 if x.dtype == torch.float16 else 1e-5
-        X, Y = fp64(x), fp64(y)
+        X, Y = sh(x), sh(y)
         assert rel(grams[i], X @ X.T) <= tol
-        assert rel(c[i], X.T @ Y) <= tol and rel(sy[i], Y.sum(0)) <= tol
+        assert rel(c[i], X.T @ Y) <= tol  # mixed pairs: exact fp32 shift and dot
+        # y'.sum(0) comes from the y'ᵀy' launch, whose shifted y' is rounded to y's dtype
+        assert rel(sy[i], Y.sum(0)) <= (1e-2 if y.dtype == torch.float16 else 1e-5)
         assert rel(dx[i], X @ fp64(ms[i]) + Y @ fp64(ns[i]) + fp64(vs[i])) <= tol
 
 
@@ -165,9 +178,96 @@ def test_edge_cases():
     assert empty[0].shape == (0, 0) and torch.equal(empty[1], torch.zeros(3, 3, device=DEV))
     x = torch.randn(2, 1).to(DEV)
     (k,) = tb.gram([x])
-    assert rel(k, fp64(x) @ fp64(x).T) <= 1e-6
+    assert rel(k, sh(x) @ sh(x).T) <= 1e-6
+    (k,) = tb.gram([torch.randn(1, 7).to(DEV)])  # n = 1: x' = 0
+    assert torch.equal(k, torch.zeros(1, 1, device=DEV))
+    a, _b, _c, sx, _sy = tb.cross([torch.randn(0, 4).to(DEV)], [torch.randn(0, 3).to(DEV)])  # no row 0
+    assert torch.equal(a[0], torch.zeros(4, 4, device=DEV)) and torch.equal(sx[0], torch.zeros(4, device=DEV))
     with pytest.raises(ValueError):
         tb.gram([torch.randn(2, 3, 4).to(DEV)])
+
+
+# --------------------------------------------------------------------------- large common offset
+def _cka64(x, y):
+    """Linear CKA in fp64 from explicitly centered features (independent of the package)."""
+    x, y = x.double().flatten(1), y.double().flatten(1)
+    x, y = x - x.mean(0), y - y.mean(0)
+    return (x.T @ y).norm() ** 2 / ((x.T @ x).norm() * (y.T @ y).norm())
+
+
+def _mlp_activations(n, width, depth, seed):
+    """fp64 activations of a ReLU MLP with PyTorch's default ``nn.Linear`` initialisation
+    (weights and biases ~ U(±1/sqrt(fan_in))): deep layers share a large common offset."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, width, generator=g, dtype=torch.float64)
+    b = width**-0.5
+    out = []
+    for _ in range(depth):
+        w = (2 * torch.rand(width, width, generator=g, dtype=torch.float64) - 1) * b
+        c = (2 * torch.rand(width, generator=g, dtype=torch.float64) - 1) * b
+        h = torch.relu(h @ w.T + c)
+        out.append(h)
+    return out
+
+
+def test_large_common_offset_primitives():
+    """fp32 inputs around ±1e3: the shift is exact on load, so every product is as accurate as
+    for zero-mean data (unshifted fp32 products would lose all the centered information)."""
+    g = torch.Generator().manual_seed(13)
+    x = (torch.randn(37, 45, generator=g) + 1e3).to(DEV)
+    y = (0.1 * torch.randn(37, 21, generator=g) - 1e3).to(DEV)
+    m = torch.randn(37, 37, generator=g).to(DEV)
+    mm, nn_ = torch.randn(45, 45, generator=g).to(DEV), torch.randn(21, 45, generator=g).to(DEV)
+    v = torch.randn(45, generator=g).to(DEV)
+    X, Y = sh(x), sh(y)
+    for mode in (SPLIT, DIRECT):
+        with tb.tuning(**mode):
+            (k,) = tb.gram([x])
+            got = [r[0] for r in tb.cross([x], [y])]
+            (d,) = tb.gram_backward([m], [x])
+            (e,) = tb.cross_backward([x], [mm], [y], [nn_], [v])
+        assert rel(k, X @ X.T) <= 1e-6
+        for j, want in enumerate([X.T @ X, Y.T @ Y, X.T @ Y, X.sum(0), Y.sum(0)]):
+            assert rel(got[j], want) <= 1e-6, j
+        assert rel(d, fp64(m) @ X) <= 1e-6
+        assert rel(e, X @ fp64(mm) + Y @ fp64(nn_) + fp64(v)) <= 1e-6
+
+
+def _offset_case(case):
+    g = torch.Generator().manual_seed(14)
+    if case.startswith("deep_mlp"):
+        acts = _mlp_activations(48 if case.endswith("sample") else 256, 64, 10, 0)
+        x, y = acts[0], acts[-1]
+        k = y @ y.T
+        h = torch.eye(k.shape[0], dtype=k.dtype) - 1.0 / k.shape[0]
+        assert (h @ k @ h).norm() / k.norm() < 1e-5  # the regime this test is about
+    elif case == "offset_sample":  # n (p + q) < p² + pq + q²: sample form
+        x = torch.randn(40, 300, generator=g, dtype=torch.float64)
+        y = x[:, :200] + 0.7 * torch.randn(40, 200, generator=g, dtype=torch.float64)
+        x, y = x + 1e3, y - 1e3
+    else:  # feature form
+        x = torch.randn(300, 20, generator=g, dtype=torch.float64)
+        y = x[:, :12] + 0.7 * torch.randn(300, 12, generator=g, dtype=torch.float64)
+        x, y = x + 1e3, y - 1e3
+    return x.float().to(DEV), y.float().to(DEV)
+
+
+@pytest.mark.parametrize("case", ["offset_sample", "offset_feature", "deep_mlp_sample", "deep_mlp_feature"])
+def test_cka_large_common_offset(case):
+    """fp32 CKA (value and gradient) of activations with a large common offset matches fp64 CKA
+    of the same fp32 values: x = randn ± 1e3, and the layers 1 and 10 of a default-initialised
+    deep MLP (||Kc|| / ||K|| ~ 1e-6). Centering unshifted fp32 products gives garbage here."""
+    x, y = _offset_case(case)
+    assert gk.choose_form(x.shape[0], x.shape[1], y.shape[1]) == ("sample" if case.endswith("sample") else "feature")
+    xg = x.clone().requires_grad_()
+    got = gk.cka(xg, y, backend="triton")
+    (gx,) = torch.autograd.grad(got, xg)
+    x64 = fp64(x).requires_grad_()
+    want = _cka64(x64, fp64(y))
+    (wx,) = torch.autograd.grad(want, x64)
+    assert 0.05 < want.item() < 0.99
+    assert abs(got.item() - want.item()) <= 1e-6, (got.item(), want.item())
+    assert rel(gx, wx) <= 1e-4
 
 
 class _Count:
@@ -322,15 +422,17 @@ for dt, wide in [("bf16", False)]:
     block, bk, _t, _c, warps, stages = tb._atb_cfg(256, wide, cuda)
     sig = {**ptr(["a_base", "b_base"], "*" + dt), **ptr(["out_base", "cs_base", "ws_ptr"], "*fp32"),
            **ptr(["prob_ptr", "ptr_ptr", "tile_ptr", "item_ptr"], "*i64")}
-    for name, la, lb in [("gram", 2, 1), ("cross", 1, 2)]:
-        c = dict(BM=block, BN=block, BK=bk, UPCAST=False, PREC="tf32", A_LAYOUT=la, B_LAYOUT=lb, ALIGN=True)
+    for name, la, lb, shift in [("gram", 2, 1, 1), ("cross", 1, 2, 2)]:
+        c = dict(BM=block, BN=block, BK=bk, UPCAST=False, PREC="tf32", A_LAYOUT=la, B_LAYOUT=lb, ALIGN=True,
+                 SHIFT=shift)
         build(A.atb_kernel, {**sig, **ptr(c, "constexpr")}, c, warps, stages, f"atb_{name}_{dt}")
     bm, bn, bk, warps, stages = tb._aw_cfg(256, wide, cuda)
     sig = {**ptr(["a_base", "a2_base", "out_base"], "*" + dt), **ptr(["w_base", "w2_base", "v_base"], "*fp32"),
            **ptr(["prob_ptr", "ptr_ptr", "tile_ptr"], "*i64")}
-    for name, a2, lay in [("gram_backward", False, 1), ("cross_backward", True, 2)]:
+    for name, a2, lay, shift in [("gram_backward", False, 1, 2), ("cross_backward", True, 2, 1)]:
         c = dict(BM=bm, BN=bn, BK=bk, HAS_A2=a2, HAS_V=a2, SCALE=False, ROUND_W=True, UPCAST=False,
-                 PREC="tf32", RNE_FIX=False, A_LAYOUT=lay, W_LAYOUT=lay, O_LAYOUT=lay, ALIGN=True)
+                 PREC="tf32", RNE_FIX=False, A_LAYOUT=lay, W_LAYOUT=lay, O_LAYOUT=lay, ALIGN=True,
+                 SHIFT=shift)
         build(W.aw_kernel, {**sig, **ptr(c, "constexpr")}, c, warps, stages, f"aw_{name}_{dt}")
 print("RESULT" + json.dumps(out))
 """
@@ -405,11 +507,11 @@ def test_gpu_workload(workload, dtype):
     # the raw products themselves, on a few layers
     k = min(4, len(xs))
     for kk, x in zip(tb.gram([x.detach() for x in xs[:k]]), xs[:k]):
-        assert rel(kk, fp64(x) @ fp64(x).T) <= max(tol, 1e-5)
+        assert rel(kk, sh(x) @ sh(x).T) <= max(tol, 1e-5)
     if n > 4096:
         a, b, c, sx, sy = tb.cross([x.detach() for x in xs[:2]], ys[:2])
         for i in range(2):
-            X, Y = fp64(xs[i]), fp64(ys[i])
+            X, Y = sh(xs[i]), sh(ys[i])
             assert rel(a[i], X.T @ X) <= 1e-5 and rel(c[i], X.T @ Y) <= 1e-5
             assert rel(sx[i], X.sum(0)) <= 1e-5
 
@@ -424,26 +526,28 @@ def test_contiguous_aligned_fast_path(dtype):
     """Contiguous layers with sizes that are multiples of 8 take the specialized path
     (compile-time unit strides and alignment hints); results must not change."""
     g = torch.Generator().manual_seed(12)
-    xs = [torch.randn(n, p, generator=g).to(dtype).to(DEV) for n, p in [(16, 64), (24, 40), (8, 8)]]
-    ys = [torch.randn(x.shape[0], q, generator=g).to(dtype).to(DEV) for x, q in zip(xs, [32, 16, 24])]
+    xs = [(torch.randn(n, p, generator=g) + 2).to(dtype).to(DEV) for n, p in [(16, 64), (24, 40), (8, 8)]]
+    ys = [(torch.randn(x.shape[0], q, generator=g) - 1).to(dtype).to(DEV) for x, q in zip(xs, [32, 16, 24])]
     tol = TOL[dtype]
     with tb.tuning(**SPLIT):
         grams = tb.gram(xs)
-        assert tb.LAST_FLAGS["atb"] == dict(A_LAYOUT=2, B_LAYOUT=1, ALIGN=True, n_fin=tb.LAST_FLAGS["atb"]["n_fin"])
-        assert tb.LAST_FLAGS["atb"]["n_fin"] > 0
+        flags = dict(tb.LAST_FLAGS["atb"])
+        assert flags.pop("n_fin") > 0
+        assert flags == dict(A_LAYOUT=2, B_LAYOUT=1, ALIGN=True, SHIFT=1)
         a, b, c, sx, sy = tb.cross(xs, ys)
-        assert tb.LAST_FLAGS["atb"]["A_LAYOUT"] == 1 and tb.LAST_FLAGS["atb"]["B_LAYOUT"] == 2
-        assert tb.LAST_FLAGS["atb"]["ALIGN"]
+        flags = dict(tb.LAST_FLAGS["atb"])
+        del flags["n_fin"]
+        assert flags == dict(A_LAYOUT=1, B_LAYOUT=2, ALIGN=True, SHIFT=2)
         ms = [torch.randn(x.shape[0], x.shape[0], generator=g).to(DEV) for x in xs]
         d = tb.gram_backward(ms, xs)
-        assert tb.LAST_FLAGS["aw"] == dict(A_LAYOUT=1, W_LAYOUT=1, O_LAYOUT=1, ALIGN=True)
+        assert tb.LAST_FLAGS["aw"] == dict(A_LAYOUT=1, W_LAYOUT=1, O_LAYOUT=1, ALIGN=True, SHIFT=2)
         mm = [torch.randn(x.shape[1], x.shape[1], generator=g).to(DEV) for x in xs]
         nn_ = [torch.randn(y.shape[1], x.shape[1], generator=g).to(DEV) for x, y in zip(xs, ys)]
         vv = [torch.randn(x.shape[1], generator=g).to(DEV) for x in xs]
         e = tb.cross_backward(xs, mm, ys, nn_, vv)
-        assert tb.LAST_FLAGS["aw"] == dict(A_LAYOUT=2, W_LAYOUT=2, O_LAYOUT=2, ALIGN=True)
+        assert tb.LAST_FLAGS["aw"] == dict(A_LAYOUT=2, W_LAYOUT=2, O_LAYOUT=2, ALIGN=True, SHIFT=1)
     for i, (x, y) in enumerate(zip(xs, ys)):
-        X, Y = fp64(x), fp64(y)
+        X, Y = sh(x), sh(y)
         assert rel(grams[i], X @ X.T) <= tol
         assert rel(a[i], X.T @ X) <= tol and rel(c[i], X.T @ Y) <= tol and rel(sx[i], X.sum(0)) <= tol
         assert rel(d[i], fp64(ms[i]) @ X) <= tol

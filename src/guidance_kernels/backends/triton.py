@@ -11,6 +11,9 @@ Launches per call (independent of the number of layers / pairs):
 The host never syncs with the device: the only per-call host->device traffic is a small table
 of data-pointer offsets, copied from pinned memory with ``non_blocking=True``.
 
+Every product is of the row-shifted activation ``x' = x - 1 x[0]`` (the backend contract): the
+kernels subtract the first sample as they load (``SHIFT``, see ``kernels/triton_atb.py``).
+
 fp64 inputs (used for verification only) are delegated to the reference backend.
 Tuning (block sizes, split-K target) is chosen by a small heuristic; tests override it with
 :func:`tuning`.
@@ -294,10 +297,11 @@ def _ptr_aligned(t: Optional[Tensor]) -> bool:
     return t is None or t.data_ptr() % (8 * t.element_size()) == 0
 
 
-def _run_atb(problems: list[tuple]):
+def _run_atb(problems: list[tuple], shift: int):
     """problems: ``(a, b, K, M, N, sa_k, sa_m, sb_k, sb_n, out, sym, cs)`` where ``a``/``b`` are
     the tensors whose storage A/B index (all ``a`` of one dtype, all ``b`` of one dtype),
-    ``out`` an fp32 ``(M, N)`` tensor and ``cs`` an fp32 ``(M,)`` tensor or ``None``.
+    ``out`` an fp32 ``(M, N)`` tensor and ``cs`` an fp32 ``(M,)`` tensor or ``None``;
+    ``shift``: the kernel's ``SHIFT`` (1: samples are M/N, the gram view; 2: samples are K).
 
     Problems are classed by memory layout and alignment (one launch per class: normally one);
     a class whose unit strides and multiple-of-8 sizes/pointers are known at compile time gets
@@ -313,10 +317,10 @@ def _run_atb(problems: list[tuple]):
         )
         classes.setdefault((a_lay, b_lay, align), []).append(pr)
     for (a_lay, b_lay, align), group in classes.items():
-        _launch_atb(group, a_lay, b_lay, align)
+        _launch_atb(group, a_lay, b_lay, align, shift)
 
 
-def _launch_atb(problems: list[tuple], a_lay: int, b_lay: int, align: bool):
+def _launch_atb(problems: list[tuple], a_lay: int, b_lay: int, align: bool, shift: int):
     a0, b0, out0 = problems[0][0], problems[0][1], problems[0][9]
     device = out0.device
     static = tuple(
@@ -339,12 +343,12 @@ def _launch_atb(problems: list[tuple], a_lay: int, b_lay: int, align: bool):
     else:
         ws = out0  # never touched
     upcast, prec = _flags(a0.dtype, b0.dtype)
-    LAST_FLAGS["atb"] = dict(A_LAYOUT=a_lay, B_LAYOUT=b_lay, ALIGN=align, n_fin=plan.n_fin)
+    LAST_FLAGS["atb"] = dict(A_LAYOUT=a_lay, B_LAYOUT=b_lay, ALIGN=align, SHIFT=shift, n_fin=plan.n_fin)
     with _launch_ctx(device):
         _atb.atb_kernel[(plan.n_items,)](
             a0, b0, out0, cs0, ws, plan.prob, ptrs, plan.tiles, plan.items,
             BM=plan.block, BN=plan.block, BK=plan.bk, UPCAST=upcast, PREC=prec,
-            A_LAYOUT=a_lay, B_LAYOUT=b_lay, ALIGN=align,
+            A_LAYOUT=a_lay, B_LAYOUT=b_lay, ALIGN=align, SHIFT=shift,
             num_warps=plan.warps, num_stages=plan.stages,
         )
         if plan.n_fin:
@@ -391,10 +395,11 @@ def _aw_plan(static: tuple, wide: bool, device: torch.device) -> _AwPlan:
     return _cache_put(key, plan)
 
 
-def _run_aw(problems: list[tuple], has_a2: bool, has_v: bool):
+def _run_aw(problems: list[tuple], has_a2: bool, has_v: bool, shift: int):
     """problems: ``(a, w, a2, w2, v, out, R, C, K, K2, sa_r, sa_k, sw_k, sw_c, sa2_r, sa2_k,
     sw2_k, sw2_c, so_r, so_c)``; ``w``/``w2``/``v`` fp32, ``a2``/``w2``/``v`` may be None.
-    Classed by layout and alignment like :func:`_run_atb` (one launch per class)."""
+    Classed by layout and alignment like :func:`_run_atb` (one launch per class). ``shift``: the
+    kernel's ``SHIFT`` (1: samples are the rows R, ``cross_backward``; 2: samples are K)."""
     P = _aw
     classes: dict = {}
     for pr in problems:
@@ -413,10 +418,10 @@ def _run_aw(problems: list[tuple], has_a2: bool, has_v: bool):
         ) and all(_ptr_aligned(t) for t in pr[:6])
         classes.setdefault((*lay, align), []).append(pr)
     for (a_lay, w_lay, o_lay, align), group in classes.items():
-        _launch_aw(group, has_a2, has_v, a_lay, w_lay, o_lay, align)
+        _launch_aw(group, has_a2, has_v, a_lay, w_lay, o_lay, align, shift)
 
 
-def _launch_aw(problems, has_a2, has_v, a_lay, w_lay, o_lay, align):
+def _launch_aw(problems, has_a2, has_v, a_lay, w_lay, o_lay, align, shift):
     a0, w0, out0 = problems[0][0], problems[0][1], problems[0][5]
     a20 = problems[0][2] if has_a2 else a0
     w20 = problems[0][3] if has_a2 else w0
@@ -440,12 +445,12 @@ def _launch_aw(problems, has_a2, has_v, a_lay, w_lay, o_lay, align):
     upcast = upcast or (_interpreting() and a0.dtype == torch.bfloat16)
     # W is rounded to the activation dtype for the tensor-core dot only when A and A2 share it
     round_w = a0.dtype == a20.dtype and a0.dtype in _LOW
-    LAST_FLAGS["aw"] = dict(A_LAYOUT=a_lay, W_LAYOUT=w_lay, O_LAYOUT=o_lay, ALIGN=align)
+    LAST_FLAGS["aw"] = dict(A_LAYOUT=a_lay, W_LAYOUT=w_lay, O_LAYOUT=o_lay, ALIGN=align, SHIFT=shift)
     with _launch_ctx(device):
         _aw.aw_kernel[(plan.n_tiles,)](
             a0, w0, a20, w20, v0, out0, plan.prob, ptrs, plan.tiles,
             BM=plan.bm, BN=plan.bn, BK=plan.bk, HAS_A2=has_a2, HAS_V=has_v,
-            A_LAYOUT=a_lay, W_LAYOUT=w_lay, O_LAYOUT=o_lay, ALIGN=align,
+            A_LAYOUT=a_lay, W_LAYOUT=w_lay, O_LAYOUT=o_lay, ALIGN=align, SHIFT=shift,
             SCALE=round_w and a0.dtype == torch.float16, ROUND_W=round_w, UPCAST=upcast, PREC=prec,
             RNE_FIX=_interpreting(),
             num_warps=plan.warps, num_stages=plan.stages,
@@ -482,10 +487,10 @@ def gram(xs: list[Tensor]) -> list[Tensor]:
             n, p = x.shape
             o = torch.empty((n, n), dtype=torch.float32, device=x.device)
             out[i] = o
-            # x xᵀ = Aᵀ B with A = B = xᵀ (K = p, M = N = n)
+            # x' x'ᵀ = Aᵀ B with A = B = xᵀ (K = p, M = N = n; shifted along M/N)
             problems.append((x, x, p, n, n, x.stride(1), x.stride(0), x.stride(1), x.stride(0),
                              o, True, None))
-        _run_atb(problems)
+        _run_atb(problems, shift=1)
     return out
 
 
@@ -504,11 +509,11 @@ def gram_backward(ms: list[Tensor], xs: list[Tensor]) -> list[Tensor]:
             n, p = x.shape
             dx = torch.empty((n, p), dtype=x.dtype, device=x.device)
             out[i] = dx
-            # (m x)ᵀ = xᵀ mᵀ: A = xᵀ (p x n), W = mᵀ, out = dxᵀ
+            # (m x')ᵀ = x'ᵀ mᵀ: A = xᵀ (p x n, shifted along K = n), W = mᵀ, out = dxᵀ
             problems.append((x, m, None, None, None, dx, p, n, n, 0,
                              x.stride(1), x.stride(0), m.stride(1), m.stride(0), 0, 0, 0, 0,
                              dx.stride(1), dx.stride(0)))
-        _run_aw(problems, has_a2=False, has_v=False)
+        _run_aw(problems, has_a2=False, has_v=False, shift=2)
     return out
 
 
@@ -537,7 +542,7 @@ def cross(xs: list[Tensor], ys: list[Tensor]):
         sx, sy = torch.empty((p,), **f32), torch.empty((q,), **f32)
         for lst, v in zip(res, (a, b, c, sx, sy)):
             lst[i] = v
-        # Aᵀ B with A, B in {x, y}, K = n rows
+        # A'ᵀ B' with A, B in {x, y}, K = n rows (shifted along K)
         by_dtype.setdefault((x.dtype, x.dtype), []).append(
             (x, x, n, p, p, x.stride(0), x.stride(1), x.stride(0), x.stride(1), a, True, sx))
         by_dtype.setdefault((y.dtype, y.dtype), []).append(
@@ -545,7 +550,7 @@ def cross(xs: list[Tensor], ys: list[Tensor]):
         by_dtype.setdefault((x.dtype, y.dtype), []).append(
             (x, y, n, p, q, x.stride(0), x.stride(1), y.stride(0), y.stride(1), c, False, None))
     for problems in by_dtype.values():
-        _run_atb(problems)
+        _run_atb(problems, shift=2)
     if ref_idx:
         got = _ref.cross([xs[i] for i in ref_idx], [ys[i] for i in ref_idx])
         for lst, vals in zip(res, got):
@@ -580,7 +585,7 @@ def cross_backward(xs, ms, ys, ns, vs) -> list[Tensor]:
                              x.stride(0), x.stride(1), m.stride(0), m.stride(1),
                              y.stride(0), y.stride(1), nn_.stride(0), nn_.stride(1),
                              dx.stride(0), dx.stride(1)))
-        _run_aw(problems, has_a2=True, has_v=True)
+        _run_aw(problems, has_a2=True, has_v=True, shift=1)
     return out
 
 

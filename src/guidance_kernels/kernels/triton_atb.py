@@ -22,12 +22,25 @@ for free from the diagonal tiles of ``xᵀx`` / ``yᵀy`` (``cs_off >= 0``).
 
 Symmetric problems: an off-diagonal tile is also written transposed into the lower triangle;
 a diagonal tile is written as ``(T + Tᵀ)/2`` so that every output is exactly symmetric.
+
+Row shift (the backend contract): every product is of ``x' = x - 1 x[0]``. The kernel subtracts
+the reference sample as it loads, from the same operand (no copy, no extra pass). ``SHIFT``
+(compile time, one per launch) says where the sample axis is:
+
+* ``1`` (gram view, ``A = xᵀ``): samples are ``M`` / ``N``; ``A'[k, m] = A[k, m] - A[k, 0]``
+  (i.e. ``x[m, k] - x[0, k]``): a ``BK`` vector of row 0 is loaded with each K step;
+* ``2`` (feature view, ``A = x``): samples are ``K``; ``A'[k, m] = A[k, m] - A[0, m]``: a ``BM``
+  vector (``BN`` for ``B``) is loaded once before the K loop, and the K tail of ``A'`` is
+  re-zeroed (that of ``B'`` then only meets zeros);
+* ``0``: no shift.
+
+The column sums are those of ``A'``.
 """
 
 import triton
 import triton.language as tl
 
-from guidance_kernels.kernels.triton_util import tile_offsets
+from guidance_kernels.kernels.triton_util import tile_offsets, vec_offsets
 
 # problem table fields
 P_K, P_M, P_N, P_SAK, P_SAM, P_SBK, P_SBN, P_SOM, P_SON, P_SYM, P_CS = range(11)
@@ -67,11 +80,12 @@ def atb_kernel(
     prob_ptr, ptr_ptr, tile_ptr, item_ptr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     UPCAST: tl.constexpr, PREC: tl.constexpr,
-    A_LAYOUT: tl.constexpr, B_LAYOUT: tl.constexpr, ALIGN: tl.constexpr,
+    A_LAYOUT: tl.constexpr, B_LAYOUT: tl.constexpr, ALIGN: tl.constexpr, SHIFT: tl.constexpr,
 ):
     """``A_LAYOUT``: 1 if ``sa_m == 1``, 2 if ``sa_k == 1`` for all problems (else 0);
     ``B_LAYOUT``: 1 if ``sb_k == 1``, 2 if ``sb_n == 1``; ``ALIGN``: every size, used stride,
-    K boundary and pointer offset is a multiple of 8 elements (vectorizable, unmasked-friendly)."""
+    K boundary and pointer offset is a multiple of 8 elements (vectorizable, unmasked-friendly);
+    ``SHIFT``: the row shift (module docstring)."""
     pid = tl.program_id(0).to(tl.int64)
     tile = tl.load(item_ptr + pid * 3 + 0)
     k0 = tl.load(item_ptr + pid * 3 + 1)
@@ -110,19 +124,43 @@ def atb_kernel(
         sa_m = tl.multiple_of(sa_m, 8)
         sb_k = tl.multiple_of(sb_k, 8)
         sb_n = tl.multiple_of(sb_n, 8)
-    a_ptrs = a_base + a_off + tile_offsets(rm, k0 + rk, sa_m, sa_k, A_LAYOUT)
-    b_ptrs = b_base + b_off + tile_offsets(k0 + rk, rn, sb_k, sb_n, B_LAYOUT)
+    a_ptr = a_base + a_off
+    b_ptr = b_base + b_off
+    a_ptrs = a_ptr + tile_offsets(rm, k0 + rk, sa_m, sa_k, A_LAYOUT)
+    b_ptrs = b_ptr + tile_offsets(k0 + rk, rn, sb_k, sb_n, B_LAYOUT)
     m_ok = rm < M
     n_ok = rn < N
+    if SHIFT == 1:  # reference sample m = 0 / n = 0: a vector along K, loaded per K step
+        sa_ptrs = a_ptr + vec_offsets(k0 + rk, sa_k, A_LAYOUT == 2)
+        sb_ptrs = b_ptr + vec_offsets(k0 + rk, sb_k, B_LAYOUT == 1)
+    if SHIFT == 2:  # reference sample k = 0: vectors along M / N, loaded once
+        has_row = k1 > k0  # (n = 0: no row 0 to read)
+        sa = tl.load(a_ptr + vec_offsets(rm, sa_m, A_LAYOUT == 1), mask=m_ok & has_row, other=0.0)
+        sb = tl.load(b_ptr + vec_offsets(rn, sb_n, B_LAYOUT == 2), mask=n_ok & has_row, other=0.0)
+        if UPCAST:
+            sa = sa.to(tl.float32)
+            sb = sb.to(tl.float32)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     cs = tl.zeros((BM,), dtype=tl.float32)
     for k in range(k0, k1, BK):
         k_ok = (k + rk) < k1
         a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if SHIFT == 1:
+            ra = tl.load(sa_ptrs, mask=k_ok, other=0.0)
+            rb = tl.load(sb_ptrs, mask=k_ok, other=0.0)
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
+            if SHIFT == 1:
+                ra = ra.to(tl.float32)
+                rb = rb.to(tl.float32)
+        if SHIFT == 1:  # out-of-range k: 0 - 0
+            a = a - ra[None, :]
+            b = b - rb[:, None]
+        if SHIFT == 2:  # out-of-range k would be 0 - ref: zero A's tail (B's meets zeros)
+            a = tl.where(k_ok[None, :], a - sa[:, None], 0.0).to(a.dtype)
+            b = b - sb[None, :]
         acc = tl.dot(a, b, acc, input_precision=PREC)
         if do_cs:
             cs += tl.sum(a.to(tl.float32), axis=1)
@@ -134,6 +172,15 @@ def atb_kernel(
             b_ptrs += BK
         else:
             b_ptrs += BK * sb_k
+        if SHIFT == 1:
+            if A_LAYOUT == 2:
+                sa_ptrs += BK
+            else:
+                sa_ptrs += BK * sa_k
+            if B_LAYOUT == 1:
+                sb_ptrs += BK
+            else:
+                sb_ptrs += BK * sb_k
 
     if ws_off < 0:
         so_m = tl.load(pp + 7)

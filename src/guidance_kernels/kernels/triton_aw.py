@@ -19,12 +19,19 @@ itself); otherwise (fp32, or mixed dtypes with ``UPCAST``) the dot runs in exact
 CKA gradients are tiny (``~1/(n² p)``), so with ``SCALE`` each program first finds the largest
 ``|W|`` of each of its output columns, divides ``W`` by it before rounding and multiplies the
 fp32 accumulator back.
+
+Row shift (the backend contract): ``A`` and ``A2`` are read as ``x' = x - 1 x[0]``, the reference
+sample subtracted as they load. ``SHIFT`` (compile time, one per launch) says where the sample
+axis is: ``1`` (``cross_backward``, ``A = x``): samples are the rows ``R``, ``A'[r, k] = A[r, k] -
+A[0, k]``, a ``BK`` vector of row 0 loaded per K step; ``2`` (``gram_backward``, ``A = xᵀ``):
+samples are ``K``, ``A'[r, k] = A[r, k] - A[r, 0]``, a ``BM`` vector loaded once (the K tail is
+re-zeroed); ``0``: no shift.
 """
 
 import triton
 import triton.language as tl
 
-from guidance_kernels.kernels.triton_util import tile_offsets
+from guidance_kernels.kernels.triton_util import tile_offsets, vec_offsets
 
 P_R, P_C, P_K, P_K2, P_SAR, P_SAK, P_SWK, P_SWC, P_SA2R, P_SA2K, P_SW2K, P_SW2C, P_SOR, P_SOC = range(14)
 _PF = 14
@@ -60,16 +67,22 @@ def _colmax(wmax, w_ptr, K, sw_k, sw_c, rc, c_ok, BK: tl.constexpr, W_LAYOUT: tl
 def _term(acc, a_ptr, w_ptr, K, sa_r, sa_k, sw_k, sw_c, rr, rc, r_ok, c_ok, inv,
           BK: tl.constexpr, A_LAYOUT: tl.constexpr, W_LAYOUT: tl.constexpr,
           SCALE: tl.constexpr, ROUND_W: tl.constexpr, UPCAST: tl.constexpr,
-          PREC: tl.constexpr, RNE_FIX: tl.constexpr):
-    """acc += A[rr, :K] @ W[:K, rc]."""
+          PREC: tl.constexpr, RNE_FIX: tl.constexpr, SHIFT: tl.constexpr):
+    """acc += A'[rr, :K] @ W[:K, rc] (``A'``: ``A`` row-shifted, see ``SHIFT``)."""
     dt = a_ptr.dtype.element_ty
     rk = tl.arange(0, BK)
+    if SHIFT == 2:  # reference sample k = 0: a vector along R, loaded once
+        ref = tl.load(a_ptr + vec_offsets(rr, sa_r, A_LAYOUT == 1), mask=r_ok & (K > 0), other=0.0)
+        if UPCAST:
+            ref = ref.to(tl.float32)
     for k in range(0, K, BK):
         k_ok = (k + rk) < K
         a = tl.load(a_ptr + tile_offsets(rr, k + rk, sa_r, sa_k, A_LAYOUT),
                     mask=r_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_ptr + tile_offsets(k + rk, rc, sw_k, sw_c, W_LAYOUT),
                     mask=k_ok[:, None] & c_ok[None, :], other=0.0)
+        if SHIFT == 1:  # reference sample r = 0: a vector along K (out-of-range k: 0 - 0)
+            ref = tl.load(a_ptr + vec_offsets(k + rk, sa_k, A_LAYOUT == 2), mask=k_ok, other=0.0)
         if SCALE:
             w = w * inv[None, :]
         if ROUND_W:
@@ -77,6 +90,14 @@ def _term(acc, a_ptr, w_ptr, K, sa_r, sa_k, sw_k, sw_c, rr, rc, r_ok, c_ok, inv,
         if UPCAST:
             a = a.to(tl.float32)
             w = w.to(tl.float32)
+            if SHIFT == 1:
+                ref = ref.to(tl.float32)
+        if SHIFT == 1:
+            a = a - ref[None, :]
+        if SHIFT == 2:
+            # the K tail would be 0 - ref; W is 0 there, so the select is not needed for the
+            # result, but without it the sm_90 build loads ref with scalar 2-byte loads
+            a = tl.where(k_ok[None, :], a - ref[:, None], 0.0).to(a.dtype)
         acc = tl.dot(a, w, acc, input_precision=PREC)
     return acc
 
@@ -89,11 +110,13 @@ def aw_kernel(
     HAS_A2: tl.constexpr, HAS_V: tl.constexpr, SCALE: tl.constexpr,
     ROUND_W: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, RNE_FIX: tl.constexpr,
     A_LAYOUT: tl.constexpr, W_LAYOUT: tl.constexpr, O_LAYOUT: tl.constexpr, ALIGN: tl.constexpr,
+    SHIFT: tl.constexpr,
 ):
     """Layouts (see ``triton_util.tile_offsets``) hold for every problem of the launch, A2/W2
     included: ``A_LAYOUT`` 1: ``sa_r == 1``, 2: ``sa_k == 1``; ``W_LAYOUT`` 1: ``sw_k == 1``,
     2: ``sw_c == 1``; ``O_LAYOUT`` 1: ``so_r == 1``, 2: ``so_c == 1``. ``ALIGN``: every size,
-    used stride and pointer offset is a multiple of 8 elements."""
+    used stride and pointer offset is a multiple of 8 elements. ``SHIFT``: the row shift of A and
+    A2 (module docstring)."""
     pid = tl.program_id(0).to(tl.int64)
     prob = tl.load(tile_ptr + pid * 3 + 0)
     tr = tl.load(tile_ptr + pid * 3 + 1)
@@ -159,10 +182,10 @@ def aw_kernel(
 
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     acc = _term(acc, a_ptr, w_ptr, K, sa_r, sa_k, sw_k, sw_c, rr, rc, r_ok, c_ok, inv,
-                BK, A_LAYOUT, W_LAYOUT, SCALE, ROUND_W, UPCAST, PREC, RNE_FIX)
+                BK, A_LAYOUT, W_LAYOUT, SCALE, ROUND_W, UPCAST, PREC, RNE_FIX, SHIFT)
     if HAS_A2:
         acc = _term(acc, a2_ptr, w2_ptr, K2, sa2_r, sa2_k, sw2_k, sw2_c, rr, rc, r_ok, c_ok, inv,
-                    BK, A_LAYOUT, W_LAYOUT, SCALE, ROUND_W, UPCAST, PREC, RNE_FIX)
+                    BK, A_LAYOUT, W_LAYOUT, SCALE, ROUND_W, UPCAST, PREC, RNE_FIX, SHIFT)
     if SCALE:
         acc = acc * scale[None, :]
     if HAS_V:

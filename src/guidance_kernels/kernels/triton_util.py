@@ -1,4 +1,4 @@
-"""Small ``@triton.jit`` helpers shared by the kernels: strided tile offsets with a
+"""Small ``@triton.jit`` helpers shared by the kernels: strided tile / vector offsets with a
 compile-time unit stride (so the compiler can vectorize contiguous loads). Alignment hints
 (``tl.multiple_of``) are written in the kernel bodies: on a helper's arguments they would be
 lost when the helper is inlined."""
@@ -17,4 +17,14 @@ def tile_offsets(r, c, s_r, s_c, LAYOUT: tl.constexpr):
         o = r[:, None] * s_r + c[None, :]
     else:
         o = r[:, None] * s_r + c[None, :] * s_c
+    return o
+
+
+@triton.jit
+def vec_offsets(i, s, UNIT: tl.constexpr):
+    """Element offsets ``i * s`` of a 1-D vector; ``UNIT``: the host saw ``s == 1``."""
+    if UNIT:
+        o = i
+    else:
+        o = i * s
     return o

@@ -13,9 +13,10 @@ Arms (each trained from the same seeded FCN initialisation, same data order, per
 
 The target is a 40-layer plain ReLU FCN (width 64) with He-normal init and zero biases, the
 standard init for deep ReLU nets. With PyTorch's default Linear init the input signal vanishes
-under the biases (relative variation ~3e-5 by layer 27): the output no longer depends on the
-input, and the deeper guided layers' centered Grams are below fp32 rounding, so CKA treats them
-as degenerate (zero gradient). The two ``*_default_init`` rows show what that gives.
+under the biases (relative variation ~3e-5 by layer 27, ~1e-7 by layer 53): task gradients no
+longer reach the early layers, while CKA, being scale-invariant, still sees (and gives large
+gradients to) the tiny input-dependent part of the deep layers. The two ``*_default_init`` rows
+show what that gives.
 
 Claims and how they are judged (fixed before looking at the numbers; final test accuracy at the
 last step, mean ± std over seeds; "clearly above" = difference of means > 0.05 and > 2 standard

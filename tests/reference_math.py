@@ -38,7 +38,10 @@ def hsic_unbiased(k, l):
 
 
 def debiased_cka(x, y):
+    # the estimator is invariant to per-feature shifts; centering X first keeps Song's formula
+    # (sums of large uncentered Gram entries) from cancelling on inputs with an offset
     x, y = _flat64(x), _flat64(y)
+    x, y = x - x.mean(0), y - y.mean(0)
     k, l = x @ x.T, y @ y.T
     return hsic_unbiased(k, l) / torch.sqrt(hsic_unbiased(k, k) * hsic_unbiased(l, l))
 

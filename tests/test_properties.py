@@ -95,3 +95,63 @@ def test_large_common_offset_keeps_fp32_accuracy(metric, form):
     x64 = x.double().requires_grad_()
     (wx,) = torch.autograd.grad(gk.pair_scores([x64], [y.double()], metric=metric, form=form).sum(), (x64,))
     assert float((gx.double() - wx).abs().max() / wx.abs().max()) < 1e-3
+
+
+def test_procrustes_fp32_accurate_on_a_decaying_spectrum():
+    """Realistic activations have heavy-tailed spectra: fp32 input must still match fp64 SVD
+    (Procrustes builds fp64 Grams, so small singular values are not lost)."""
+    from reference_math import procrustes as ref
+
+    g = torch.Generator().manual_seed(21)
+    decay = torch.logspace(0, -3, 512)
+    x = torch.randn(256, 512, generator=g) * decay
+    y = (x + 0.3 * torch.randn(256, 512, generator=g)) * decay
+    for angular in (False, True):
+        got = float(gk.procrustes(x, y, angular=angular))
+        want = float(ref(x.double(), y.double(), angular=angular))
+        assert abs(got - want) < 1e-5, (angular, got, want)
+
+
+@pytest.mark.parametrize("offset", [1e3, 1e4])
+def test_feature_form_gradient_accurate_with_large_offset(offset):
+    g = torch.Generator().manual_seed(22)
+    x = (torch.randn(512, 16, generator=g) + offset * torch.randn(1, 16, generator=g)).requires_grad_()
+    y = torch.randn(512, 12, generator=g)
+    (gx,) = torch.autograd.grad(gk.pair_scores([x], [y], form="feature").sum(), (x,))
+    x64 = x.detach().double().requires_grad_()
+    (wx,) = torch.autograd.grad(gk.pair_scores([x64], [y.double()], form="feature").sum(), (x64,))
+    assert float((gx.double() - wx).abs().max() / wx.abs().max()) < 1e-5
+
+
+def test_mixed_dtype_pair_in_feature_form_is_promoted():
+    g = torch.Generator().manual_seed(23)
+    x = torch.randn(40, 6, generator=g)
+    y = torch.randn(40, 5, generator=g, dtype=torch.float64)
+    got = gk.pair_scores([x], [y], form="feature")
+    assert got.dtype == torch.float64
+    want = gk.pair_scores([x.double()], [y], form="feature")
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_procrustes_non_finite_input_gives_nan_not_an_error():
+    x = torch.randn(10, 5)
+    x[0, 0] = float("nan")
+    assert torch.isnan(gk.procrustes(x, torch.randn(10, 4)))
+    assert torch.isnan(gk.cka(x, torch.randn(10, 4)))
+
+
+def test_procrustes_is_not_silently_twice_differentiable():
+    x = torch.randn(9, 7, requires_grad=True)
+    d = gk.procrustes(x, torch.randn(9, 5))
+    with pytest.raises(RuntimeError, match="not twice differentiable"):
+        torch.autograd.grad(d, (x,), create_graph=True)
+    (gx,) = torch.autograd.grad(gk.procrustes(x, torch.randn(9, 5)), (x,))  # first order is fine
+    assert torch.isfinite(gx).all()
+
+
+def test_module_weights_survive_a_dtype_cast():
+    crit = gk.GuidanceLoss(weights=[0.3, 0.1]).to(torch.bfloat16)
+    xs = [torch.randn(8, 5), torch.randn(8, 6)]
+    ys = [torch.randn(8, 4), torch.randn(8, 3)]
+    want = gk.guidance_loss(xs, ys, weights=[0.3, 0.1])
+    torch.testing.assert_close(crit(xs, ys), want, rtol=0, atol=0)

@@ -73,6 +73,10 @@ def _grams(xs: list[Tensor], backend: str) -> list[Tensor]:
 
 
 def _sample_scores(xs, ys, metric, backend) -> list[Tensor]:
+    if metric not in _SIMILARITIES:
+        # The nuclear norm comes from eigenvalues of Grams, which square singular values: fp32
+        # Grams would lose every singular value below ~5e-3 of the largest (see metrics).
+        xs, ys = [x.double() for x in xs], [y.double() for y in ys]
     grams = _grams(xs + ys, backend)
     ks, ls = grams[: len(xs)], grams[len(xs) :]
     out: list[Optional[Tensor]] = [None] * len(xs)
@@ -125,6 +129,9 @@ def pair_scores(
         ]
     else:
         forms = [form] * len(xs)
+        if form == "feature":  # one accumulation dtype per pair: promote the lower precision
+            pairs = [(x, y) if x.dtype == y.dtype else tuple(t.to(torch.promote_types(x.dtype, y.dtype)) for t in (x, y)) for x, y in zip(xs, ys)]
+            xs, ys = [p[0] for p in pairs], [p[1] for p in pairs]
     sample = [i for i, f in enumerate(forms) if f == "sample"]
     feature = [i for i, f in enumerate(forms) if f == "feature"]
     dtype = _score_dtype(xs + ys)
@@ -176,7 +183,9 @@ def cka(x: Tensor, y: Tensor, *, debiased: bool = False, backend: str = "auto") 
 
 def procrustes(x: Tensor, y: Tensor, *, angular: bool = False, backend: str = "auto") -> Tensor:
     """Orthogonal Procrustes distance of centered, Frobenius-normalized ``x`` and ``y``:
-    ``2 - 2 ||Xnᵀ Yn||_*`` in [0, 2], or ``arccos ||Xnᵀ Yn||_*`` with ``angular=True``."""
+    ``2 - 2 ||Xnᵀ Yn||_*`` in [0, 2], or ``arccos ||Xnᵀ Yn||_*`` with ``angular=True``.
+    Computed from fp64 Grams (one fp64 copy of each input: a Gram squares singular values, so
+    fp32 would lose the small ones) and returned in fp32 (fp64 for fp64 input)."""
     metric = "angular_procrustes" if angular else "procrustes"
     return pair_scores([x], [y], metric=metric, backend=backend)[0]
 

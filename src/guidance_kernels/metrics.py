@@ -117,10 +117,15 @@ class _NuclearNorm(torch.autograd.Function):
     of ``Xcᵀ Yc`` pulled back to sample space: bounded at rank deficiency (centering always adds
     a zero eigenvalue), with no ``1/(λ_i - λ_j)`` terms.
 
-    Accuracy: a Gram squares singular values, so eigenvalues below
-    ``cut = 10 n eps(Gram dtype) λ_max`` are rounding noise and are dropped (their square roots
-    would add ``O(sqrt(eps))`` noise). Singular values of ``Xcᵀ Yc`` below ``sqrt(cut)`` times
-    the largest (about 2e-3 for fp32 Grams at n = 256, 4e-7 for fp64) do not count."""
+    Accuracy: a Gram squares singular values, so eigenvalues below ``cut = n eps λ_max`` (eps of
+    the Gram's dtype) are rounding noise and are dropped (their square roots would add
+    ``O(sqrt(eps))`` each). Singular values of ``Xcᵀ Yc`` below ``sqrt(cut)`` times the largest
+    do not count: 2.4e-7 for fp64 Grams at n = 256, but 5.5e-3 for fp32 Grams, which is why
+    :func:`guidance_kernels.procrustes` always builds fp64 Grams.
+
+    Non-finite Grams give NaN (not an eigh error), so AMP's loss scaler can skip the step.
+    ``eigh`` checks convergence on the host: on CUDA the Procrustes metrics sync once per call
+    (the CKA metrics never do). Not twice differentiable: ``create_graph=True`` raises."""
 
     @staticmethod
     def _eigh_cut(m, rel):
@@ -141,14 +146,22 @@ class _NuclearNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, kc, lc):
-        ctx.rel = 10 * kc.shape[-1] * torch.finfo(kc.dtype).eps
-        k64, l64 = kc.double(), lc.double()
+        ctx.rel = kc.shape[-1] * torch.finfo(kc.dtype).eps
+        bad = ~(torch.isfinite(kc).all((-2, -1)) & torch.isfinite(lc).all((-2, -1)))
+        k64 = torch.where(bad[..., None, None], 0.0, kc.double())
+        l64 = torch.where(bad[..., None, None], 0.0, lc.double())
         ctx.save_for_backward(k64, l64)
-        return _NuclearNorm._root_and_grad(k64, l64, ctx.rel, False)[0].to(kc.dtype)
+        nuc = _NuclearNorm._root_and_grad(k64, l64, ctx.rel, False)[0]
+        return torch.where(bad, float("nan"), nuc).to(kc.dtype)
 
     @staticmethod
     def backward(ctx, g):
         k64, l64 = ctx.saved_tensors
+        if torch.is_grad_enabled() and (k64.requires_grad or l64.requires_grad or g.requires_grad):
+            raise RuntimeError(
+                "the Procrustes metrics are not twice differentiable (create_graph=True through "
+                "gk.procrustes / metric='procrustes'); use a CKA metric for higher-order gradients"
+            )
         dk = dl = None
         g64 = g.double()[..., None, None]
         if ctx.needs_input_grad[0]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-import torch
 from torch import Tensor, nn
 
 from guidance_kernels.functional import guidance_loss
@@ -24,10 +23,8 @@ class GuidanceLoss(nn.Module):
     ):
         super().__init__()
         self.metric, self.reduction, self.backend, self.form = metric, reduction, backend, form
-        if weights is not None:
-            self.register_buffer("weights", torch.as_tensor(weights, dtype=torch.float32), persistent=False)
-        else:
-            self.weights = None
+        # a tuple of floats, not a buffer: module.to(bfloat16) must not round the weights
+        self.weights = None if weights is None else tuple(float(w) for w in weights)
 
     def forward(self, targets: Sequence[Tensor], guides: Sequence[Tensor]) -> Tensor:
         return guidance_loss(

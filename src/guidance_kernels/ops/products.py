@@ -8,7 +8,8 @@ not depend on the shift:
 
 ``gram(xs)``: centered Grams ``[H x xᵀ H]``, ``(n, n)``. Backward:
 ``dx = M' x'`` with ``M' = H (dK + dKᵀ) H`` (``= M' x`` since ``M' 1 = 0``).
-``cross(xs, ys)``: centered ``[Xcᵀ Xc], [Ycᵀ Yc], [Xcᵀ Yc]`` and column means ``[μx], [μy]``.
+``cross(xs, ys)``: centered ``[Xcᵀ Xc], [Ycᵀ Yc], [Xcᵀ Yc]`` and column means ``[μx], [μy]``
+(the means in fp64, so that the backward recovers the means of ``x'`` without cancellation).
 Backward: ``dx = x' m + y' dCᵀ + v`` with ``m = dA + dAᵀ``, ``v = dμx/n - μx'ᵀ m - μy'ᵀ dCᵀ``.
 
 The backward ops (``gram_backward``: ``m x'``; ``cross_backward``: ``x' m + y' n + v``) are ops
@@ -120,9 +121,9 @@ gram_backward.register_autograd(_gram_backward_bwd, setup_context=_gram_backward
 def cross(
     xs: list[Tensor], ys: list[Tensor], backend: str
 ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
-    """Feature-space products of pairs xs[i]: (n, p), ys[i]: (n, q) -> centered
-    ([Xcᵀ Xc] (p,p), [Ycᵀ Yc] (q,q), [Xcᵀ Yc] (p,q)) and column means ([μx] (p,), [μy] (q,));
-    fp32 (fp64 for fp64 input)."""
+    """Feature-space products of pairs xs[i]: (n, p), ys[i]: (n, q) (one dtype per pair) ->
+    centered ([Xcᵀ Xc] (p,p), [Ycᵀ Yc] (q,q), [Xcᵀ Yc] (p,q)) in fp32 (fp64 for fp64 input)
+    and column means ([μx] (p,), [μy] (q,)) in fp64."""
     with _no_autocast(xs):
         aa, bb, cc, sx, sy = get_backend(backend).cross(list(xs), list(ys))
         out = ([], [], [], [], [])
@@ -132,8 +133,8 @@ def cross(
             out[0].append(a - n * torch.outer(mx, mx))
             out[1].append(b - n * torch.outer(my, my))
             out[2].append(c - n * torch.outer(mx, my))
-            out[3].append(mx + x[0].to(mx.dtype))
-            out[4].append(my + y[0].to(my.dtype))
+            out[3].append(mx.double() + x[0].double())
+            out[4].append(my.double() + y[0].double())
         return out
 
 
@@ -146,8 +147,8 @@ def _(xs, ys, backend):
         [e(x, x.shape[1], x.shape[1]) for x in xs],
         [e(y, y.shape[1], y.shape[1]) for y in ys],
         [e(x, x.shape[1], y.shape[1]) for x, y in zip(xs, ys)],
-        [e(x, x.shape[1]) for x in xs],
-        [e(y, y.shape[1]) for y in ys],
+        [x.new_empty((x.shape[1],), dtype=torch.float64) for x in xs],
+        [y.new_empty((y.shape[1],), dtype=torch.float64) for y in ys],
     )
 
 
@@ -178,11 +179,11 @@ def _cross_grad(xs, ys, mxs, mys, dself, dcross, dmean, backend):
     ms, nms, vs = [], [], []
     for x, y, mx, my, da, dc, dm in zip(xs, ys, mxs, mys, dself, dcross, dmean):
         m, nm = da + da.mT, dc
-        sx = mx - x[0].to(mx.dtype)  # mean of x'
-        sy = my - y[0].to(my.dtype)
+        sx = (mx - x[0].double()).to(m.dtype)  # mean of x', exact to rounding (fp64 mean)
+        sy = (my - y[0].double()).to(m.dtype)
         ms.append(m)
         nms.append(nm)
-        vs.append(dm / x.shape[0] - sx @ m - sy @ nm)
+        vs.append(dm.to(m.dtype) / x.shape[0] - sx @ m - sy @ nm)
     return cross_backward(xs, ms, ys, nms, vs, backend)
 
 

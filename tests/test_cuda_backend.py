@@ -533,21 +533,12 @@ def test_gpu_large_offset_cka_fp32(n):
     assert rel(sx[0], shifted(x).sum(0)) <= PROD_TOL
 
 
-def _flat(shape):
-    out = 1
-    for s in shape:
-        out *= s
-    return out
+from guidance_kernels.bench.workloads import WORKLOADS as _BENCH_WORKLOADS  # noqa: E402
 
-
-_W1 = [(64, 56, 56), (64, 56, 56), (128, 28, 28), (128, 28, 28), (256, 14, 14), (256, 14, 14), (512, 7, 7), (512, 7, 7)]
+# name: (n, target feature sizes, guide feature sizes), from the bench's single definition
 WORKLOADS = {
-    # name: (n, target feature sizes, guide feature sizes)
-    "W1_resnet18_b256": (256, [_flat(s) for s in _W1], [_flat(s) for s in _W1]),
-    "W2_fcn_guided_b256": (256, [2048] * 32, [_flat(_W1[i % 8]) for i in range(32)]),
-    "W3_gpt_tokens": (16384, [1024] * 24, [768] * 24),
-    "W4_vit_b128": (128, [197 * 768] * 12, [197 * 768] * 12),
-    "W5_many_small": (64, [512] * 128, [512] * 128),
+    name: (w.n, [p for _, p, _ in w.dims()], [q for _, _, q in w.dims()])
+    for name, w in _BENCH_WORKLOADS.items()
 }
 LOSS_TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 

@@ -16,6 +16,8 @@ from typing import Optional
 
 import torch
 
+from guidance_kernels.functional import choose_form
+
 Shape = tuple[int, ...]
 
 # Per-sample shapes of the ResNet-18 stage outputs (two blocks per stage) at 224x224 input.
@@ -25,11 +27,6 @@ RESNET18_SHAPES: tuple[Shape, ...] = (
     (256, 14, 14), (256, 14, 14),
     (512, 7, 7), (512, 7, 7),
 )  # fmt: skip
-
-
-def choose_form(n: int, p: int, q: int) -> str:
-    """GUIDE §2: feature space when ``n (p + q) > p² + pq + q²``, sample space otherwise."""
-    return "feature" if n * (p + q) > p * p + p * q + q * q else "sample"
 
 
 @dataclasses.dataclass(frozen=True)

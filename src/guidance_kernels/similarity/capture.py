@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from guidance_kernels.similarity.minibatch import MIN_BATCH, MinibatchCKA
+from guidance_kernels.train.guidance import flatten_activation
 from guidance_kernels.train.hooks import ActivationRecorder
 from guidance_kernels.train.mapping import select_layers, unwrap
 
@@ -160,14 +161,6 @@ def _eval_mode(*models: nn.Module):
             m.train(s)
 
 
-def _flat(t: Tensor, how: str) -> Tensor:
-    if how == "sample":
-        return t.reshape(t.shape[0], -1)
-    if how == "token":
-        return t.reshape(-1, t.shape[-1])
-    raise ValueError(f"flatten must be 'sample' or 'token', got {how!r}")
-
-
 def layer_cka(
     model_a: nn.Module,
     model_b: Optional[nn.Module],
@@ -240,8 +233,8 @@ def layer_cka(
                         acts_b = dict(zip(rec_b.names, rec_b.take()))
                     else:
                         acts_b = acts_a
-                xs = [_flat(acts_a[n], flatten) for n in names_a]
-                ys = None if symmetric else [_flat(acts_b[n], flatten) for n in names_b]
+                xs = [flatten_activation(acts_a[n], flatten) for n in names_a]
+                ys = None if symmetric else [flatten_activation(acts_b[n], flatten) for n in names_b]
                 acc.update(xs, ys)
                 del xs, ys, acts_a, acts_b
                 if progress:

@@ -36,7 +36,8 @@ from guidance_kernels.train.mapping import map_layers, select_layers
 from guidance_kernels.train.schedules import Schedule, as_schedule
 
 
-def _flatten(x: Tensor, how: str) -> Tensor:
+def flatten_activation(x: Tensor, how: str) -> Tensor:
+    """``"sample"``: (n, ...) -> (n, prod(...)); ``"token"``: (n, ..., D) -> (n*..., D)."""
     if how == "sample":
         return x.reshape(x.shape[0], -1)
     if how == "token":
@@ -144,8 +145,8 @@ class Guidance:
 
             t_acts = gather_batch(t_acts, group=self.group, differentiable=True)
             g_acts = gather_batch(g_acts, group=self.group, differentiable=False)
-        xs = [_flatten(t_acts[i], self.flatten) for i in self._t_idx]
-        ys = [_flatten(g_acts[i], self.flatten) for i in self._g_idx]
+        xs = [flatten_activation(t_acts[i], self.flatten) for i in self._t_idx]
+        ys = [flatten_activation(g_acts[i], self.flatten) for i in self._g_idx]
         for (tn, gn), x, y in zip(self.pairs, xs, ys):
             if x.shape[0] != y.shape[0]:
                 raise ValueError(

@@ -97,6 +97,12 @@ def _sample_scores(xs, ys, metric, backend) -> list[Tensor]:
     return out
 
 
+def _promote_pair(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """Both to the common dtype (one copy of the lower-precision tensor when they differ)."""
+    dtype = torch.promote_types(x.dtype, y.dtype)
+    return x.to(dtype), y.to(dtype)
+
+
 def _feature_scores(xs, ys, backend) -> list[Tensor]:
     a, b, c, _, _ = ops.cross(xs, ys, backend)
     return [metrics.cka_from_cross(*t) for t in zip(a, b, c)]
@@ -129,9 +135,8 @@ def pair_scores(
         ]
     else:
         forms = [form] * len(xs)
-        if form == "feature":  # one accumulation dtype per pair: promote the lower precision
-            pairs = [(x, y) if x.dtype == y.dtype else tuple(t.to(torch.promote_types(x.dtype, y.dtype)) for t in (x, y)) for x, y in zip(xs, ys)]
-            xs, ys = [p[0] for p in pairs], [p[1] for p in pairs]
+        if form == "feature":  # the cross products need one dtype per pair
+            xs, ys = map(list, zip(*(_promote_pair(x, y) for x, y in zip(xs, ys))))
     sample = [i for i, f in enumerate(forms) if f == "sample"]
     feature = [i for i, f in enumerate(forms) if f == "feature"]
     dtype = _score_dtype(xs + ys)

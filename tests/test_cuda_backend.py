@@ -306,8 +306,8 @@ def test_glue_through_ops_autograd_and_opcheck(fake_ext):
     g = torch.Generator().manual_seed(3)
     xs = [torch.randn(5, 7, generator=g, dtype=torch.float32).requires_grad_() for _ in range(2)]
     ks = ops.gram(xs, "cuda")
-    w = [torch.randn(5, 5, generator=g) for _ in ks]
-    grads = torch.autograd.grad(sum((k * r).sum() for k, r in zip(ks, w)), xs)
+    w = torch.randn(ks.shape, generator=g)
+    grads = torch.autograd.grad((ks * w).sum(), xs)
     xr = [fp64(x).requires_grad_() for x in xs]
     kr = [centered(x) @ centered(x).T for x in xr]  # ops.gram returns centered Grams
     for k, want in zip(ks, kr):
@@ -457,38 +457,38 @@ def test_gpu_mixed_dtype_lists_and_fp64():
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_gpu_ops_autograd_opcheck_compile(dtype):
     g = torch.Generator(device="cuda").manual_seed(8)
-    xs = [torch.randn(n, p, device="cuda", generator=g).to(dtype).requires_grad_() for n, p in [(70, 300), (9, 5)]]
-    ys = [torch.randn(x.shape[0], q, device="cuda", generator=g).to(dtype) for x, q in zip(xs, [40, 3])]
-    ks = ops.gram(xs, "cuda")
-    w = [torch.randn(k.shape, device="cuda", generator=g) for k in ks]
-    grads = torch.autograd.grad(sum((k * r).sum() for k, r in zip(ks, w)), xs)
-    xr = [fp64(x).requires_grad_() for x in xs]
-    kr = [centered(x) @ centered(x).T for x in xr]  # ops.gram returns centered Grams
-    for k, want in zip(ks, kr):
-        assert rel(k, want) <= PROD_TOL
-    want = torch.autograd.grad(sum((k * r).sum() for k, r in zip(kr, w)), xr)
-    for gx, wx in zip(grads, want):
-        assert rel(gx, wx) <= OUT_TOL[dtype]
-    # ops.cross: centered Xcᵀ Xc, Ycᵀ Yc, Xcᵀ Yc and the column means
-    a, b, c, sx, sy = ops.cross(xs, ys, "cuda")
-    loss = sum(t.square().sum() for t in a + c + sx)
-    grads = torch.autograd.grad(loss, xs)
-    xr = [fp64(x).requires_grad_() for x in xs]
-    yr = [centered(y) for y in ys]
-    want = sum(
-        (centered(X).T @ centered(X)).square().sum()
-        + (centered(X).T @ Y).square().sum()
-        + X.mean(0).square().sum()
-        for X, Y in zip(xr, yr)
-    )
-    for gx, wx in zip(grads, torch.autograd.grad(want, xr)):
-        assert rel(gx, wx) <= 2 * OUT_TOL[dtype]
-    det = [x.detach() for x in xs]
-    torch.library.opcheck(torch.ops.guidance_kernels.gram.default, (det, "cuda"))
-    torch.library.opcheck(torch.ops.guidance_kernels.cross.default, (det, ys, "cuda"))
-    compiled = torch.compile(lambda t: ops.gram(t, "cuda"), fullgraph=True)
-    for k1, k2 in zip(compiled(det), ops.gram(det, "cuda")):
-        assert rel(k1, k2) <= 1e-6
+    for n, p, q in [(70, 300, 40), (9, 5, 3)]:  # one group per shape
+        xs = [torch.randn(n, p, device="cuda", generator=g).to(dtype).requires_grad_() for _ in range(2)]
+        ys = [torch.randn(n, q, device="cuda", generator=g).to(dtype) for _ in xs]
+        ks = ops.gram(xs, "cuda")
+        w = torch.randn(ks.shape, device="cuda", generator=g)
+        grads = torch.autograd.grad((ks * w).sum(), xs)
+        xr = [fp64(x).requires_grad_() for x in xs]
+        kr = [centered(x) @ centered(x).T for x in xr]  # ops.gram returns centered Grams
+        for k, want in zip(ks, kr):
+            assert rel(k, want) <= PROD_TOL
+        want = torch.autograd.grad(sum((k * r).sum() for k, r in zip(kr, w)), xr)
+        for gx, wx in zip(grads, want):
+            assert rel(gx, wx) <= OUT_TOL[dtype]
+        # ops.cross: centered Xcᵀ Xc, Ycᵀ Yc, Xcᵀ Yc and the column means, stacked
+        a, b, c, sx, sy = ops.cross(xs, ys, "cuda")
+        loss = a.square().sum() + c.square().sum() + sx.square().sum()
+        grads = torch.autograd.grad(loss, xs)
+        xr = [fp64(x).requires_grad_() for x in xs]
+        yr = [centered(y) for y in ys]
+        want = sum(
+            (centered(X).T @ centered(X)).square().sum()
+            + (centered(X).T @ Y).square().sum()
+            + X.mean(0).square().sum()
+            for X, Y in zip(xr, yr)
+        )
+        for gx, wx in zip(grads, torch.autograd.grad(want, xr)):
+            assert rel(gx, wx) <= 2 * OUT_TOL[dtype]
+        det = [x.detach() for x in xs]
+        torch.library.opcheck(torch.ops.guidance_kernels.gram.default, (det, "cuda"))
+        torch.library.opcheck(torch.ops.guidance_kernels.cross.default, (det, ys, "cuda"))
+        compiled = torch.compile(lambda t: ops.gram(t, "cuda"), fullgraph=True)
+        assert rel(compiled(det), ops.gram(det, "cuda")) <= 1e-6
 
 
 def _deep_mlp_acts(depth=12, n=512, width=256, seed=0):

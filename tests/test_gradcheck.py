@@ -39,26 +39,33 @@ def test_gradgradcheck_loss(metric, form):
 
 def test_gradcheck_gram_ops():
     x, y = _inputs()
-    f = lambda x, y: tuple(ops.gram([x, y], "reference"))  # noqa: E731
+    f = lambda x, y: ops.gram([x, y], "reference")  # noqa: E731
     assert gradcheck(f, (x, y))
     assert gradgradcheck(f, (x, y))
-    m = torch.randn(9, 9, dtype=torch.float64, requires_grad=True)
-    f = lambda m, x: ops.gram_backward([m], [x], "reference")[0]  # noqa: E731
-    assert gradcheck(f, (m, x))
-    assert gradgradcheck(f, (m, x))
+    f = lambda x, y: ops.gram([x, y], "reference")[1]  # only one layer's output used  # noqa: E731
+    assert gradcheck(f, (x, y))
+    f = lambda y: ops.gram([x.detach(), y], "reference")  # only the second layer needs a grad  # noqa: E731
+    assert gradcheck(f, (y,))
+    m = torch.randn(2, 9, 9, dtype=torch.float64, requires_grad=True)
+    f = lambda m, x, y: tuple(ops.gram_backward(m, [x, y], "reference"))  # noqa: E731
+    assert gradcheck(f, (m, x, y))
+    assert gradgradcheck(f, (m, x, y))
 
 
 def test_gradcheck_cross_ops():
     x, y = _inputs()
-    f = lambda x, y: tuple(t[0] for t in ops.cross([x], [y], "reference"))  # noqa: E731
-    assert gradcheck(f, (x, y))
-    assert gradgradcheck(f, (x, y))
-    m = torch.randn(7, 7, dtype=torch.float64, requires_grad=True)
-    nn_ = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
-    v = torch.randn(7, dtype=torch.float64, requires_grad=True)
-    f = lambda x, m, y, nn_, v: ops.cross_backward([x], [m], [y], [nn_], [v], "reference")[0]  # noqa: E731
-    assert gradcheck(f, (x, m, y, nn_, v))
-    assert gradgradcheck(f, (x, m, y, nn_, v))
+    x2, y2 = _inputs(seed=1)
+    f = lambda x, y, x2, y2: ops.cross([x, x2], [y, y2], "reference")  # noqa: E731
+    assert gradcheck(f, (x, y, x2, y2))
+    assert gradgradcheck(f, (x, y, x2, y2))
+    f = lambda x, y, x2: ops.cross([x, x2], [y, y], "reference")  # the second y needs no grad  # noqa: E731
+    assert gradcheck(f, (x, y, x2.detach().requires_grad_(False)))
+    m = torch.randn(2, 7, 7, dtype=torch.float64, requires_grad=True)
+    nn_ = torch.randn(2, 5, 7, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 7, dtype=torch.float64, requires_grad=True)
+    f = lambda x, m, y, nn_, v, x2, y2: tuple(ops.cross_backward([x, x2], m, [y, y2], nn_, v, "reference"))  # noqa: E731
+    assert gradcheck(f, (x, m, y, nn_, v, x2, y2))
+    assert gradgradcheck(f, (x, m, y, nn_, v, x2, y2))
 
 
 def test_gradcheck_centered_gram_and_matrix():

@@ -18,20 +18,48 @@ def _xy(n=8, p=6, q=4, dtype=torch.float32, seed=0):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_opcheck_every_op(dtype):
     x, y = _xy(dtype=dtype)
-    x2, _ = _xy(n=5, p=3, dtype=dtype, seed=1)
+    x2, _ = _xy(p=3, dtype=dtype, seed=1)
+    x3, y3 = _xy(dtype=dtype, seed=2)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    m = torch.randn(8, 8, dtype=acc, requires_grad=True)
-    mp = torch.randn(6, 6, dtype=acc, requires_grad=True)
-    nq = torch.randn(4, 6, dtype=acc, requires_grad=True)
-    v = torch.randn(6, dtype=acc, requires_grad=True)
+    m = torch.randn(2, 8, 8, dtype=acc, requires_grad=True)
+    mp = torch.randn(2, 6, 6, dtype=acc, requires_grad=True)
+    nq = torch.randn(2, 4, 6, dtype=acc, requires_grad=True)
+    v = torch.randn(2, 6, dtype=acc, requires_grad=True)
     cases = [
         (ops.gram, ([x, y, x2], "reference")),
-        (ops.gram_backward, ([m], [x], "reference")),
-        (ops.cross, ([x], [y], "reference")),
-        (ops.cross_backward, ([x], [mp], [y], [nq], [v], "reference")),
+        (ops.gram_backward, (m, [x, x2], "reference")),
+        (ops.cross, ([x, x3], [y, y3], "reference")),
+        (ops.cross_backward, ([x, x3], mp, [y, y3], nq, v, "reference")),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args)
+
+
+def test_ops_return_one_stack_per_group():
+    x, y = _xy()
+    x2, _ = _xy(p=3, seed=1)
+    k = ops.gram([x, y, x2], "reference")
+    assert k.shape == (3, 8, 8) and k.dtype == torch.float32
+    a, b, c, mx, my = ops.cross([x, x], [y, y], "reference")
+    assert (a.shape, b.shape, c.shape, mx.shape, my.shape) == ((2, 6, 6), (2, 4, 4), (2, 6, 4), (2, 6), (2, 4))
+    assert mx.dtype == my.dtype == torch.float64
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda x, y, z: ops.gram([x, z], "reference"), r"xs\[1\] has shape \(5, 3\); a group needs \(8, p\)"),
+        (lambda x, y, z: ops.gram([], "reference"), "empty list xs"),
+        (lambda x, y, z: ops.gram([x, x.double()], "reference"), "mixes accumulation dtypes"),
+        (lambda x, y, z: ops.cross([x, y], [y, y], "reference"), r"xs\[1\] has shape \(8, 4\); a group needs \(8, 6\)"),
+        (lambda x, y, z: ops.cross([x], [z], "reference"), "1 xs of"),
+    ],
+)
+def test_ops_reject_malformed_groups(call, match):
+    x, y = _xy()
+    z, _ = _xy(n=5, p=3, seed=1)
+    with pytest.raises(ValueError, match=match):
+        call(x.detach(), y.detach(), z.detach())
 
 
 @pytest.mark.parametrize("metric", gk.METRICS)

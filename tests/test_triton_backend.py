@@ -353,18 +353,19 @@ def test_other_metrics_and_centered_gram(metric):
 def _op_cases():
     g = torch.Generator().manual_seed(9)
     r = lambda *s: torch.randn(*s, generator=g).to(DEV)  # noqa: E731
-    x1, x2 = r(6, 9).requires_grad_(), r(20, 5)[::2].requires_grad_()  # (10, 5) row-strided
-    y1, y2 = r(6, 4).requires_grad_(), r(10, 7)
+    x1, x2 = r(10, 9).requires_grad_(), r(20, 5)[::2].requires_grad_()  # (10, 5) row-strided
+    x3 = r(20, 9)[::2].requires_grad_()  # (10, 9) row-strided
+    y1, y2 = r(10, 4).requires_grad_(), r(4, 10).T  # (10, 4) column-strided
     return {
         "gram": (torch.ops.guidance_kernels.gram.default, ([x1, x2], "triton")),
         "gram_backward": (
             torch.ops.guidance_kernels.gram_backward.default,
-            ([r(6, 6).requires_grad_(), r(10, 10)], [x1, x2], "triton"),
+            (r(2, 10, 10).requires_grad_(), [x1, x2], "triton"),
         ),
-        "cross": (torch.ops.guidance_kernels.cross.default, ([x1, x2], [y1, y2], "triton")),
+        "cross": (torch.ops.guidance_kernels.cross.default, ([x1, x3], [y1, y2], "triton")),
         "cross_backward": (
             torch.ops.guidance_kernels.cross_backward.default,
-            ([x1, x2], [r(9, 9), r(5, 5).requires_grad_()], [y1, y2], [r(4, 9), r(7, 5)], [r(9), r(5)], "triton"),
+            ([x1, x3], r(2, 9, 9).requires_grad_(), [y1, y2], r(2, 4, 9), r(2, 9), "triton"),
         ),
     }
 

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from guidance_kernels import _checks, metrics, ops
 from guidance_kernels.backends import resolve_backend
+from guidance_kernels.backends.reference import acc_dtype
 
 Metric = Literal["cka", "debiased_cka", "procrustes", "angular_procrustes"]
 METRICS = ("cka", "debiased_cka", "procrustes", "angular_procrustes")
@@ -65,36 +66,72 @@ def _unique(tensors: list[Tensor]) -> tuple[list[Tensor], list[int]]:
     return uniq, index
 
 
-def _grams(xs: list[Tensor], backend: str) -> list[Tensor]:
-    """Centered Grams of ``xs``, each distinct tensor computed once, in one op call."""
+def _gram_tables(xs: list[Tensor], backend: str):
+    """Centered Grams of the distinct tensors of ``xs``: one ``ops.gram`` call per group of
+    equal ``n`` and accumulation dtype. Returns ``(tables, where)``: ``tables[key]`` is a
+    ``(L_key, n, n)`` stack and ``where[i] = (key, row)`` locates the Gram of ``xs[i]``."""
     uniq, index = _unique(xs)
-    grams = ops.gram(uniq, backend)
-    return [grams[j] for j in index]
+    tables: dict = {}
+    pos: list = [None] * len(uniq)
+    for key, idx in ops.group_by(uniq, lambda t: (t.shape[0], acc_dtype(t.dtype))).items():
+        tables[key] = ops.gram([uniq[i] for i in idx], backend)
+        for row, i in enumerate(idx):
+            pos[i] = (key, row)
+    return tables, [pos[j] for j in index]
 
 
-def _sample_scores(xs, ys, metric, backend) -> list[Tensor]:
+def _take(tables: dict, where: list, idx: Sequence[int]) -> Tensor:
+    """The Grams of inputs ``idx`` stacked, ``(len(idx), n, n)``: a slice of one table when they
+    are consecutive rows of it (no copy), else one stacking copy (promoted to a common dtype)."""
+    keys = {where[i][0] for i in idx}
+    rows = [where[i][1] for i in idx]
+    if len(keys) == 1:
+        table = tables[next(iter(keys))]
+        if rows == list(range(rows[0], rows[0] + len(rows))):
+            return table[rows[0] : rows[0] + len(rows)]
+        return torch.stack([table[r] for r in rows])
+    dtype = torch.float64 if any(k[1] == torch.float64 for k in keys) else torch.float32
+    return torch.stack([tables[where[i][0]][where[i][1]].to(dtype) for i in idx])
+
+
+def stacked_grams(xs: list[Tensor], backend: str) -> Tensor:
+    """Centered Grams of ``xs`` (one ``n``), ``(L, n, n)``, each distinct tensor computed once."""
+    tables, where = _gram_tables(xs, backend)
+    return _take(tables, where, range(len(xs)))
+
+
+def _assemble(parts: list[tuple[list[int], Tensor]], total: int) -> Tensor:
+    """Per-pair scores from groups ``(positions, scores)`` in pair order; no copy for one group
+    in order (the common case), one ``cat`` for groups in order."""
+    order = [i for idx, _ in parts for i in idx]
+    s = parts[0][1] if len(parts) == 1 else torch.cat([t for _, t in parts])
+    if order == list(range(total)):
+        return s
+    inv = [0] * total
+    for j, i in enumerate(order):
+        inv[i] = j
+    return torch.stack([s[j] for j in inv])
+
+
+def _sample_scores(xs, ys, metric, backend) -> list[tuple[list[int], Tensor]]:
     if metric not in _SIMILARITIES:
         # The nuclear norm comes from eigenvalues of Grams, which square singular values: fp32
         # Grams would lose every singular value below ~5e-3 of the largest (see metrics).
         xs, ys = [x.double() for x in xs], [y.double() for y in ys]
-    grams = _grams(xs + ys, backend)
-    ks, ls = grams[: len(xs)], grams[len(xs) :]
-    out: list[Optional[Tensor]] = [None] * len(xs)
-    groups: dict = {}
-    for i, (k, l) in enumerate(zip(ks, ls)):  # batch the small math over pairs of equal n, dtype
-        groups.setdefault((k.shape[0], k.dtype, l.dtype), []).append(i)
-    for idx in groups.values():
-        k = torch.stack([ks[i] for i in idx])
-        l = torch.stack([ls[i] for i in idx])
+    tables, where = _gram_tables(xs + ys, backend)
+    L = len(xs)
+    parts = []
+    for idx in ops.group_by(xs, lambda x: x.shape[0]).values():  # the small math, batched per n
+        k = _take(tables, where, idx)
+        l = _take(tables, where, [L + i for i in idx])
         if k.dtype != l.dtype:
             k, l = k.double(), l.double()
         if metric in _SIMILARITIES:
             s = metrics.cka_from_grams(k, l, debiased=metric == "debiased_cka")
         else:
             s = metrics.procrustes_from_grams(k, l, angular=metric == "angular_procrustes")
-        for j, i in enumerate(idx):
-            out[i] = s[j]
-    return out
+        parts.append((idx, s))
+    return parts
 
 
 def _promote_pair(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -103,9 +140,13 @@ def _promote_pair(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     return x.to(dtype), y.to(dtype)
 
 
-def _feature_scores(xs, ys, backend) -> list[Tensor]:
-    a, b, c, _, _ = ops.cross(xs, ys, backend)
-    return [metrics.cka_from_cross(*t) for t in zip(a, b, c)]
+def _feature_scores(xs, ys, backend) -> list[tuple[list[int], Tensor]]:
+    parts = []
+    key = lambda i: (tuple(xs[i].shape), tuple(ys[i].shape), acc_dtype(xs[i].dtype), acc_dtype(ys[i].dtype))  # noqa: E731
+    for idx in ops.group_by(range(len(xs)), key).values():
+        a, b, c, _, _ = ops.cross([xs[i] for i in idx], [ys[i] for i in idx], backend)
+        parts.append((idx, metrics.cka_from_cross(a, b, c)))
+    return parts
 
 
 def pair_scores(
@@ -140,17 +181,15 @@ def pair_scores(
     sample = [i for i, f in enumerate(forms) if f == "sample"]
     feature = [i for i, f in enumerate(forms) if f == "feature"]
     dtype = _score_dtype(xs + ys)
-    scores: list[Optional[Tensor]] = [None] * len(xs)
+    parts: list[tuple[list[int], Tensor]] = []
     with _no_autocast(xs[0].device):
         if sample:
             got = _sample_scores([xs[i] for i in sample], [ys[i] for i in sample], metric, name)
-            for i, s in zip(sample, got):
-                scores[i] = s
+            parts += [([sample[j] for j in idx], s.to(dtype)) for idx, s in got]
         if feature:
             got = _feature_scores([xs[i] for i in feature], [ys[i] for i in feature], name)
-            for i, s in zip(feature, got):
-                scores[i] = s
-        return torch.stack([s.to(dtype) for s in scores])
+            parts += [([feature[j] for j in idx], s.to(dtype)) for idx, s in got]
+        return _assemble(parts, len(xs))
 
 
 def guidance_loss(
@@ -221,7 +260,7 @@ def cka_matrix(
         raise ValueError(f"xs are on {xs2[0].device} but ys are on {ys2[0].device}")
     dtype = _score_dtype(xs2 + ys2)
     with _no_autocast(xs2[0].device):
-        grams = _grams(xs2 + ys2, resolve_backend(backend, xs2 + ys2))
-        units = metrics.unit_centered_grams(torch.stack([g.to(dtype) for g in grams]), debiased)
+        grams = stacked_grams(xs2 + ys2, resolve_backend(backend, xs2 + ys2))
+        units = metrics.unit_centered_grams(grams.to(dtype), debiased)
         u, v = units[: len(xs2)], units[len(xs2) :]
         return u.flatten(1) @ v.flatten(1).T

@@ -1,25 +1,34 @@
 """The four heavy ops, registered with ``torch.library`` with fakes and autograd.
 
-Each op takes a whole list of layers (one call, as few launches as the backend can manage) and
-a ``backend`` name (resolved beforehand by :func:`guidance_kernels.backends.resolve_backend`).
+Each op takes a whole *group* of layers that share their shapes' sample count (and, for
+``cross``, their feature sizes) and returns the group's results *stacked*, so that every step
+after the backend's grouped launch (centering here, the CKA math in :mod:`..metrics`, and the
+same in the backward) is a fixed number of batched ops per group, not a number per layer.
+Callers group their layers with :func:`group_by` (``functional`` does this). ``backend`` is a
+name resolved beforehand by :func:`guidance_kernels.backends.resolve_backend`.
+
 Backends compute products of the row-shifted activation ``x' = x - 1 x[0]`` (accurate when
 deep layers share a large offset); the forward ops center those exactly, so their outputs do
 not depend on the shift:
 
-``gram(xs)``: centered Grams ``[H x xᵀ H]``, ``(n, n)``. Backward:
-``dx = M' x'`` with ``M' = H (dK + dKᵀ) H`` (``= M' x`` since ``M' 1 = 0``).
-``cross(xs, ys)``: centered ``[Xcᵀ Xc], [Ycᵀ Yc], [Xcᵀ Yc]`` and column means ``[μx], [μy]``
-(the means in fp64, so that the backward recovers the means of ``x'`` without cancellation).
+``gram(xs)``: ``xs[i]: (n, p_i)`` -> centered Grams ``H x xᵀ H`` stacked, ``(L, n, n)``.
+Backward: ``dx = M' x'`` with ``M' = H (dK + dKᵀ) H`` (``= M' x`` since ``M' 1 = 0``).
+``cross(xs, ys)``: ``xs[i]: (n, p)``, ``ys[i]: (n, q)`` -> centered ``Xcᵀ Xc (L, p, p)``,
+``Ycᵀ Yc (L, q, q)``, ``Xcᵀ Yc (L, p, q)`` and column means ``μx (L, p)``, ``μy (L, q)`` (the
+means in fp64, so that the backward recovers the means of ``x'`` without cancellation).
 Backward: ``dx = x' m + y' dCᵀ + v`` with ``m = dA + dAᵀ``, ``v = dμx/n - μx'ᵀ m - μy'ᵀ dCᵀ``.
 
-The backward ops (``gram_backward``: ``m x'``; ``cross_backward``: ``x' m + y' n + v``) are ops
-too, with autograd of their own, so double backward works. Every op body runs with autocast
-off: products accumulate in fp32 (fp64 for fp64 input) whatever the caller's context.
+The backward ops (``gram_backward``: ``m[i] x'_i``; ``cross_backward``: ``x'_i m[i] + y'_i n[i]
++ v[i]``) are ops too, with autograd of their own, so double backward works. Every op body runs
+with autocast off: products accumulate in fp32 (fp64 for fp64 input) whatever the caller's
+context. Stacking the backend's per-layer outputs costs one Gram-sized copy per group (never an
+activation-sized one).
 """
 
 from __future__ import annotations
 
 import contextlib
+from typing import Callable, Hashable, Sequence
 
 import torch
 from torch import Tensor
@@ -27,6 +36,16 @@ from torch import Tensor
 from guidance_kernels.backends import get_backend
 from guidance_kernels.backends.reference import acc_dtype
 from guidance_kernels.metrics import center_gram
+
+__all__ = ["gram", "gram_backward", "cross", "cross_backward", "group_by"]
+
+
+def group_by(items: Sequence, key: Callable[..., Hashable]) -> dict:
+    """``key(item)`` -> positions of the items with that key, in first-seen order."""
+    out: dict = {}
+    for i, it in enumerate(items):
+        out.setdefault(key(it), []).append(i)
+    return out
 
 
 def _no_autocast(tensors):
@@ -45,33 +64,63 @@ def _scatter(values, mask):
     return [next(it) if m else None for m in mask]
 
 
+def _rows(mask, like: Tensor) -> Tensor:
+    """The stacked rows of ``like`` whose ``mask`` entry is set (no copy when all are; no
+    host-to-device index either)."""
+    if all(mask):
+        return like
+    return torch.stack([r for r, m in zip(like.unbind(0), mask) if m])
+
+
 def _unshift_rows(g: Tensor) -> Tensor:
     """``Sᵀ g`` for the shift ``S = I - 1 e0ᵀ``: row 0 minus the column sums of ``g``."""
     return g - torch.nn.functional.pad(g.sum(0, keepdim=True), (0, 0, 0, g.shape[0] - 1))
 
 
+def _one_acc(op: str, tensors: Sequence[Tensor]) -> torch.dtype:
+    accs = {acc_dtype(t.dtype) for t in tensors}
+    if len(accs) != 1:
+        raise ValueError(f"guidance_kernels::{op}: one group mixes accumulation dtypes {sorted(map(str, accs))}")
+    return accs.pop()
+
+
+def _check_group(op: str, xs: Sequence[Tensor], name: str, same_features: bool) -> None:
+    if len(xs) == 0:
+        raise ValueError(f"guidance_kernels::{op}: empty list {name}")
+    n, p = xs[0].shape[0], xs[0].shape[-1]
+    for i, x in enumerate(xs):
+        if x.dim() != 2 or x.shape[0] != n or (same_features and x.shape[1] != p):
+            want = f"({n}, {p})" if same_features else f"({n}, p)"
+            raise ValueError(f"guidance_kernels::{op}: {name}[{i}] has shape {tuple(x.shape)}; a group needs {want}")
+
+
 # --------------------------------------------------------------------------- gram
 @torch.library.custom_op("guidance_kernels::gram", mutates_args=())
-def gram(xs: list[Tensor], backend: str) -> list[Tensor]:
-    """xs: 2-D (n_i, p_i) float tensors -> centered Grams H x xᵀ H, (n_i, n_i), fp32 (fp64)."""
+def gram(xs: list[Tensor], backend: str) -> Tensor:
+    """xs: L 2-D (n, p_i) float tensors (one n, one accumulation dtype) -> centered Grams
+    H x xᵀ H stacked, (L, n, n), fp32 (fp64 for fp64 input)."""
+    _check_group("gram", xs, "xs", same_features=False)
+    _one_acc("gram", xs)
     with _no_autocast(xs):
-        return [center_gram(k) for k in get_backend(backend).gram(list(xs))]
+        return center_gram(torch.stack(get_backend(backend).gram(list(xs))))
 
 
 @gram.register_fake
 def _(xs, backend):
-    return [x.new_empty((x.shape[0], x.shape[0]), dtype=acc_dtype(x.dtype)) for x in xs]
+    _check_group("gram", xs, "xs", same_features=False)
+    n = xs[0].shape[0]
+    return xs[0].new_empty((len(xs), n, n), dtype=_one_acc("gram", xs))
 
 
 @torch.library.custom_op("guidance_kernels::gram_backward", mutates_args=())
-def gram_backward(ms: list[Tensor], xs: list[Tensor], backend: str) -> list[Tensor]:
-    """ms: (n_i, n_i), xs: (n_i, p_i) -> [m @ (x - 1 x[0])] as (n_i, p_i) in x's dtype."""
+def gram_backward(m: Tensor, xs: list[Tensor], backend: str) -> list[Tensor]:
+    """m: (L, n, n), xs: L (n, p_i) -> [m[i] @ (x_i - 1 x_i[0])], (n, p_i) in x_i's dtype."""
     with _no_autocast(xs):
-        return get_backend(backend).gram_backward(list(ms), list(xs))
+        return get_backend(backend).gram_backward(list(m.unbind(0)), list(xs))
 
 
 @gram_backward.register_fake
-def _(ms, xs, backend):
+def _(m, xs, backend):
     return [torch.empty_like(x, memory_format=torch.contiguous_format) for x in xs]
 
 
@@ -81,11 +130,13 @@ def _gram_setup(ctx, inputs, output):
     ctx.save_for_backward(*xs)
 
 
-def _gram_bwd(ctx, grads):
+def _gram_bwd(ctx, grad):
     xs = ctx.saved_tensors
     need = ctx.needs_input_grad[0]
-    ms = [center_gram(g + g.mT) for g, n in zip(grads, need) if n]
-    dxs = gram_backward(ms, _pick(xs, need), ctx.backend) if ms else []
+    if not any(need):
+        return [None] * len(xs), None
+    g = _rows(need, grad)
+    dxs = gram_backward(center_gram(g + g.mT), _pick(xs, need), ctx.backend)
     return _scatter(dxs, need), None
 
 
@@ -93,24 +144,22 @@ gram.register_autograd(_gram_bwd, setup_context=_gram_setup)
 
 
 def _gram_backward_setup(ctx, inputs, output):
-    ms, xs, backend = inputs
-    ctx.save_for_backward(*ms, *xs)
-    ctx.count = len(xs)
+    m, xs, backend = inputs
+    ctx.save_for_backward(m, *xs)
 
 
 def _gram_backward_bwd(ctx, grads):
-    saved = ctx.saved_tensors
-    ms, xs = saved[: ctx.count], saved[ctx.count :]
+    m, *xs = ctx.saved_tensors
     need_m, need_x = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    # out = m x' with x' = S x: dm = dout x'ᵀ, dx = Sᵀ mᵀ dout (second-order terms; plain torch).
+    # out_i = m_i x'_i with x' = S x: dm_i = dout_i x'_iᵀ, dx_i = Sᵀ m_iᵀ dout_i (second order).
+    acc = m.dtype
     dms, dxs = [], []
-    for g, m, x, nm, nx in zip(grads, ms, xs, need_m, need_x):
-        acc = m.dtype
+    for i, (g, x, nx) in enumerate(zip(grads, xs, need_x)):
         g = g.to(acc)
         xa = x.to(acc)
-        dms.append(g @ (xa - xa[:1]).T if nm else None)
-        dxs.append(_unshift_rows(m.mT @ g).to(x.dtype) if nx else None)
-    return dms, dxs, None
+        dms.append(g @ (xa - xa[:1]).T if need_m else None)
+        dxs.append(_unshift_rows(m[i].mT @ g).to(x.dtype) if nx else None)
+    return (torch.stack(dms) if need_m else None), dxs, None
 
 
 gram_backward.register_autograd(_gram_backward_bwd, setup_context=_gram_backward_setup)
@@ -118,52 +167,61 @@ gram_backward.register_autograd(_gram_backward_bwd, setup_context=_gram_backward
 
 # --------------------------------------------------------------------------- cross
 @torch.library.custom_op("guidance_kernels::cross", mutates_args=())
-def cross(
-    xs: list[Tensor], ys: list[Tensor], backend: str
-) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
-    """Feature-space products of pairs xs[i]: (n, p), ys[i]: (n, q) (one dtype per pair) ->
-    centered ([Xcᵀ Xc] (p,p), [Ycᵀ Yc] (q,q), [Xcᵀ Yc] (p,q)) in fp32 (fp64 for fp64 input)
-    and column means ([μx] (p,), [μy] (q,)) in fp64."""
+def cross(xs: list[Tensor], ys: list[Tensor], backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Feature-space products of L pairs xs[i]: (n, p), ys[i]: (n, q) (one shape per side, one
+    accumulation dtype) -> centered Xcᵀ Xc (L, p, p), Ycᵀ Yc (L, q, q), Xcᵀ Yc (L, p, q) in fp32
+    (fp64 for fp64 input) and column means μx (L, p), μy (L, q) in fp64."""
+    _check_cross(xs, ys)
     with _no_autocast(xs):
-        aa, bb, cc, sx, sy = get_backend(backend).cross(list(xs), list(ys))
-        out = ([], [], [], [], [])
-        for a, b, c, su, sv, x, y in zip(aa, bb, cc, sx, sy, xs, ys):
-            n = x.shape[0]
-            mx, my = su / n, sv / n  # column means of the shifted x', y'
-            out[0].append(a - n * torch.outer(mx, mx))
-            out[1].append(b - n * torch.outer(my, my))
-            out[2].append(c - n * torch.outer(mx, my))
-            out[3].append(mx.double() + x[0].double())
-            out[4].append(my.double() + y[0].double())
-        return out
+        a, b, c, sx, sy = (torch.stack(t) for t in get_backend(backend).cross(list(xs), list(ys)))
+        n = xs[0].shape[0]
+        mx, my = sx / n, sy / n  # column means of the shifted x', y'
+        a = a - n * mx[:, :, None] * mx[:, None, :]
+        b = b - n * my[:, :, None] * my[:, None, :]
+        c = c - n * mx[:, :, None] * my[:, None, :]
+        x0 = torch.stack([x[0] for x in xs]).double()
+        y0 = torch.stack([y[0] for y in ys]).double()
+        return a, b, c, mx.double() + x0, my.double() + y0
+
+
+def _check_cross(xs, ys):
+    _check_group("cross", xs, "xs", same_features=True)
+    _check_group("cross", ys, "ys", same_features=True)
+    if len(xs) != len(ys) or ys[0].shape[0] != xs[0].shape[0]:
+        raise ValueError(
+            f"guidance_kernels::cross: {len(xs)} xs of {tuple(xs[0].shape)} vs {len(ys)} ys of {tuple(ys[0].shape)}"
+        )
+    return _one_acc("cross", list(xs) + list(ys))
 
 
 @cross.register_fake
 def _(xs, ys, backend):
-    def e(t, *shape):
-        return t.new_empty(shape, dtype=acc_dtype(t.dtype))
-
+    acc = _check_cross(xs, ys)
+    L, p, q = len(xs), xs[0].shape[1], ys[0].shape[1]
+    e = xs[0].new_empty
     return (
-        [e(x, x.shape[1], x.shape[1]) for x in xs],
-        [e(y, y.shape[1], y.shape[1]) for y in ys],
-        [e(x, x.shape[1], y.shape[1]) for x, y in zip(xs, ys)],
-        [x.new_empty((x.shape[1],), dtype=torch.float64) for x in xs],
-        [y.new_empty((y.shape[1],), dtype=torch.float64) for y in ys],
+        e((L, p, p), dtype=acc),
+        e((L, q, q), dtype=acc),
+        e((L, p, q), dtype=acc),
+        e((L, p), dtype=torch.float64),
+        e((L, q), dtype=torch.float64),
     )
 
 
 @torch.library.custom_op("guidance_kernels::cross_backward", mutates_args=())
 def cross_backward(
-    xs: list[Tensor], ms: list[Tensor], ys: list[Tensor], ns: list[Tensor], vs: list[Tensor], backend: str
+    xs: list[Tensor], m: Tensor, ys: list[Tensor], nm: Tensor, v: Tensor, backend: str
 ) -> list[Tensor]:
-    """[x' @ m + y' @ n + v] with x' = x - 1 x[0], y' = y - 1 y[0]; x: (n, p), m: (p, p),
-    y: (n, q), n: (q, p), v: (p,); x's dtype."""
+    """[x'_i @ m[i] + y'_i @ nm[i] + v[i]] with x' = x - 1 x[0], y' = y - 1 y[0]; xs[i]: (n, p),
+    m: (L, p, p), ys[i]: (n, q), nm: (L, q, p), v: (L, p); in x_i's dtype."""
     with _no_autocast(xs):
-        return get_backend(backend).cross_backward(list(xs), list(ms), list(ys), list(ns), list(vs))
+        return get_backend(backend).cross_backward(
+            list(xs), list(m.unbind(0)), list(ys), list(nm.unbind(0)), list(v.unbind(0))
+        )
 
 
 @cross_backward.register_fake
-def _(xs, ms, ys, ns, vs, backend):
+def _(xs, m, ys, nm, v, backend):
     return [torch.empty_like(x, memory_format=torch.contiguous_format) for x in xs]
 
 
@@ -171,34 +229,34 @@ def _cross_setup(ctx, inputs, output):
     xs, ys, backend = inputs
     ctx.backend = backend
     ctx.count = len(xs)
-    ctx.save_for_backward(*xs, *ys, *output[3], *output[4])
+    ctx.save_for_backward(*xs, *ys, output[3], output[4])
 
 
-def _cross_grad(xs, ys, mxs, mys, dself, dcross, dmean, backend):
-    """Gradient for the ``xs`` side: ``x' m + y' nm + v`` (see module doc)."""
-    ms, nms, vs = [], [], []
-    for x, y, mx, my, da, dc, dm in zip(xs, ys, mxs, mys, dself, dcross, dmean):
-        m, nm = da + da.mT, dc
-        sx = (mx - x[0].double()).to(m.dtype)  # mean of x', exact to rounding (fp64 mean)
-        sy = (my - y[0].double()).to(m.dtype)
-        ms.append(m)
-        nms.append(nm)
-        vs.append(dm.to(m.dtype) / x.shape[0] - sx @ m - sy @ nm)
-    return cross_backward(xs, ms, ys, nms, vs, backend)
+def _cross_grad(xs, ys, mx, my, dself, dcross, dmean, backend):
+    """Gradient for the ``xs`` side (stacked ``dself (L,p,p)``, ``dcross (L,q,p)``,
+    ``dmean (L,p)``): ``x' m + y' nm + v`` (see module doc)."""
+    m = dself + dself.mT
+    x0 = torch.stack([x[0] for x in xs]).double()
+    y0 = torch.stack([y[0] for y in ys]).double()
+    sx = (mx - x0).to(m.dtype)  # means of x', y': exact to rounding (fp64 means)
+    sy = (my - y0).to(m.dtype)
+    n = xs[0].shape[0]
+    v = dmean.to(m.dtype) / n - (sx[:, None, :] @ m)[:, 0] - (sy[:, None, :] @ dcross)[:, 0]
+    return cross_backward(xs, m, ys, dcross, v, backend)
 
 
 def _cross_bwd(ctx, da, db, dc, dmx, dmy):
     k = ctx.count
     saved = ctx.saved_tensors
-    xs, ys, mxs, mys = saved[:k], saved[k : 2 * k], saved[2 * k : 3 * k], saved[3 * k :]
+    xs, ys, mx, my = saved[:k], saved[k : 2 * k], saved[2 * k], saved[2 * k + 1]
     need_x, need_y = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     dxs = dys = []
     if any(need_x):
-        p = lambda t: _pick(t, need_x)  # noqa: E731
-        dxs = _cross_grad(p(xs), p(ys), p(mxs), p(mys), p(da), [c.mT for c in p(dc)], p(dmx), ctx.backend)
+        p, r = (lambda t: _pick(t, need_x)), (lambda t: _rows(need_x, t))  # noqa: E731
+        dxs = _cross_grad(p(xs), p(ys), r(mx), r(my), r(da), r(dc).mT, r(dmx), ctx.backend)
     if any(need_y):
-        p = lambda t: _pick(t, need_y)  # noqa: E731
-        dys = _cross_grad(p(ys), p(xs), p(mys), p(mxs), p(db), p(dc), p(dmy), ctx.backend)
+        p, r = (lambda t: _pick(t, need_y)), (lambda t: _rows(need_y, t))  # noqa: E731
+        dys = _cross_grad(p(ys), p(xs), r(my), r(mx), r(db), r(dc), r(dmy), ctx.backend)
     return _scatter(dxs, need_x), _scatter(dys, need_y), None
 
 
@@ -206,28 +264,29 @@ cross.register_autograd(_cross_bwd, setup_context=_cross_setup)
 
 
 def _cross_backward_setup(ctx, inputs, output):
-    xs, ms, ys, ns, vs, backend = inputs
+    xs, m, ys, nm, v, backend = inputs
     ctx.count = len(xs)
-    ctx.save_for_backward(*xs, *ms, *ys, *ns)
+    ctx.save_for_backward(m, nm, *xs, *ys)
 
 
 def _cross_backward_bwd(ctx, grads):
     k = ctx.count
-    saved = ctx.saved_tensors
-    xs, ms, ys, ns = saved[:k], saved[k : 2 * k], saved[2 * k : 3 * k], saved[3 * k :]
+    m, nm, *rest = ctx.saved_tensors
+    xs, ys = rest[:k], rest[k:]
     need = ctx.needs_input_grad
-    out = [[], [], [], [], []]
-    # out = x' m + y' n + v: dx = Sᵀ g mᵀ, dm = x'ᵀ g, dy = Sᵀ g nᵀ, dn = y'ᵀ g, dv = Σ_rows g.
-    for i, (g, x, m, y, n) in enumerate(zip(grads, xs, ms, ys, ns)):
+    dxs, dms, dys, dns, dvs = [], [], [], [], []
+    # out = x' m + y' nm + v: dx = Sᵀ g mᵀ, dm = x'ᵀ g, dy = Sᵀ g nmᵀ, dnm = y'ᵀ g, dv = Σ_rows g.
+    for i, (g, x, y) in enumerate(zip(grads, xs, ys)):
         acc = m.dtype
         g = g.to(acc)
         xa, ya = x.to(acc), y.to(acc)
-        out[0].append(_unshift_rows(g @ m.mT).to(x.dtype) if need[0][i] else None)
-        out[1].append((xa - xa[:1]).mT @ g if need[1][i] else None)
-        out[2].append(_unshift_rows(g @ n.mT).to(y.dtype) if need[2][i] else None)
-        out[3].append((ya - ya[:1]).mT @ g if need[3][i] else None)
-        out[4].append(g.sum(0) if need[4][i] else None)
-    return (*out, None)
+        dxs.append(_unshift_rows(g @ m[i].mT).to(x.dtype) if need[0][i] else None)
+        dms.append((xa - xa[:1]).mT @ g)
+        dys.append(_unshift_rows(g @ nm[i].mT).to(y.dtype) if need[2][i] else None)
+        dns.append((ya - ya[:1]).mT @ g)
+        dvs.append(g.sum(0))
+    st = lambda ts, flag: torch.stack(ts) if flag else None  # noqa: E731
+    return dxs, st(dms, need[1]), dys, st(dns, need[3]), st(dvs, need[4]), None
 
 
 cross_backward.register_autograd(_cross_backward_bwd, setup_context=_cross_backward_setup)

@@ -15,7 +15,7 @@ different partition gives a different (equally unbiased) estimate, within sampli
 single batch of all samples gives the full-dataset unbiased CKA exactly. Reordering the batches,
 or the samples inside a batch, changes the value only by rounding.
 
-Cost and memory. Per batch: one ``ops.gram`` call for all layers of both models (each Gram once),
+Cost and memory. Per batch: one ``ops.gram`` call for all layers of both models (each Gram once, stacked),
 U-centering of the stacked ``(L, n, n)`` Grams, and one matrix product ``U_A U_Bᵀ`` of the
 flattened stacks for all ``L_A x L_B`` pairs (``U Uᵀ`` when A is B). Memory: ``O(L n²)`` for the
 batch plus the ``L_A x L_B`` fp64 accumulators, independent of dataset size. Nothing syncs with
@@ -51,8 +51,9 @@ from typing import Iterable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from guidance_kernels import _checks, metrics, ops
+from guidance_kernels import _checks, metrics
 from guidance_kernels.backends import resolve_backend
+from guidance_kernels.functional import stacked_grams
 
 MIN_BATCH = 4
 
@@ -130,8 +131,7 @@ class MinibatchCKA:
         dtype = self.center_dtype
         with torch.autocast(xs2[0].device.type, enabled=False) if xs2[0].device.type in ("cpu", "cuda") \
                 else _null():
-            grams = ops.gram(layers, resolve_backend(self.backend, layers))
-            k = torch.stack(grams).to(dtype)                         # (L, n, n)
+            k = stacked_grams(layers, resolve_backend(self.backend, layers)).to(dtype)  # (L, n, n)
             if self.scale is None:
                 self.scale = _first_scale(k)
             k = k * self.scale[:, None, None]

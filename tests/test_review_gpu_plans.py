@@ -27,7 +27,7 @@ CUDA = torch.device("cuda", 0)  # only a key: nothing is allocated on it
 @pytest.fixture
 def host_plans(monkeypatch):
     """Plans as host lists (no device tables), 132 SMs (H100 SXM), a private plan cache."""
-    monkeypatch.setattr(tb, "_device_table", lambda rows, device, width: [list(r) for r in rows])
+    monkeypatch.setattr(tb, "_device_table", lambda rows, device, width, cached=False: [list(r) for r in rows])
     monkeypatch.setattr(tb, "_sm_count", lambda device: 132)
     monkeypatch.setattr(tb, "_PLANS", {})
     monkeypatch.setattr(tb, "_TUNING", tb.Tuning())

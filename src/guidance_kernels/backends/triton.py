@@ -8,8 +8,9 @@ Launches per call (independent of the number of layers / pairs):
   shapes only and cached by shape signature.
 * ``gram_backward`` / ``cross_backward``: one ``aw_kernel`` launch per dtype combination.
 
-The host never syncs with the device: the only per-call host->device traffic is a small table
-of data-pointer offsets, copied from pinned memory with ``non_blocking=True``.
+The host never syncs with the device in steady state: the only per-call host->device traffic is
+a small table of data-pointer offsets, copied from pinned memory with ``non_blocking=True``.
+Plans (work lists) are built once per shape signature and copied synchronously then.
 
 Every product is of the row-shifted activation ``x' = x - 1 x[0]`` (the backend contract): the
 kernels subtract the first sample as they load (``SHIFT``, see ``kernels/triton_atb.py``).
@@ -165,11 +166,14 @@ def _offsets(tensors: list[Tensor], base: Tensor) -> list[int]:
     return out
 
 
-def _device_table(rows: list[list[int]], device: torch.device, width: int) -> Tensor:
-    """int64 table on ``device`` without a device sync: a pageable host->device copy
-    synchronizes the stream, so CUDA tables go through pinned memory, ``non_blocking``."""
+def _device_table(rows: list[list[int]], device: torch.device, width: int, cached: bool = False) -> Tensor:
+    """int64 table on ``device``. Per-call tables go without a device sync: a pageable
+    host->device copy synchronizes, so they go through pinned memory, ``non_blocking`` (the
+    caching host allocator keeps the pinned block until the copy is done). ``cached`` tables
+    (plans, reused across calls and possibly across streams) are copied synchronously, once per
+    shape signature, so that they are on the device before any stream reads them."""
     t = torch.tensor(rows, dtype=torch.int64).reshape(len(rows), width)
-    if device.type == "cuda":
+    if device.type == "cuda" and not cached:
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
 
@@ -278,10 +282,10 @@ def _atb_plan(static: tuple, wide: bool, device: torch.device) -> _AtbPlan:
             for t in range(first, len(tiles)):
                 items.append([t, k0, k1])
     plan = _AtbPlan(
-        prob=_device_table([list(r) for r in static], device, _atb._PF),
-        tiles=_device_table(tiles, device, _atb._TF),
-        items=_device_table(items, device, _atb._IF),
-        fin=_device_table([[t] for t in fin], device, 1) if fin else None,
+        prob=_device_table([list(r) for r in static], device, _atb._PF, cached=True),
+        tiles=_device_table(tiles, device, _atb._TF, cached=True),
+        items=_device_table(items, device, _atb._IF, cached=True),
+        fin=_device_table([[t] for t in fin], device, 1, cached=True) if fin else None,
         ws_size=ws,
         n_items=len(items),
         n_fin=len(fin),
@@ -354,7 +358,7 @@ def _launch_atb(problems: list[tuple], a_lay: int, b_lay: int, align: bool, shif
         if plan.n_fin:
             _atb.finalize_kernel[(plan.n_fin,)](
                 out0, cs0, ws, plan.prob, ptrs, plan.tiles, plan.fin,
-                BM=plan.block, BN=plan.block, num_warps=4,
+                BM=plan.block, BN=plan.block, num_warps=8 if plan.block >= 128 else 4,
             )
 
 
@@ -383,8 +387,8 @@ def _aw_plan(static: tuple, wide: bool, device: torch.device) -> _AwPlan:
         tr, tc = -(-r[_aw.P_R] // bm), -(-r[_aw.P_C] // bn)
         tiles += [[p, i, j] for i in range(tr) for j in range(tc)]  # column tiles adjacent
     plan = _AwPlan(
-        prob=_device_table([list(r) for r in static], device, _aw._PF),
-        tiles=_device_table(tiles, device, _aw._TF),
+        prob=_device_table([list(r) for r in static], device, _aw._PF, cached=True),
+        tiles=_device_table(tiles, device, _aw._TF, cached=True),
         n_tiles=len(tiles),
         bm=bm,
         bn=bn,

@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1
 
-.PHONY: setup demo test bench
+.PHONY: setup demo test bench gpu-session
 
 setup: $(VENV)/.installed
 
@@ -24,3 +24,8 @@ test: setup
 
 bench: setup
 	$(VENV)/bin/guidance-kernels bench --quick --device cpu
+
+# On a lent GPU machine (its own python3, no network): build, GPU tests, memcheck, full bench.
+# See docs/cuda.md "GPU session". Output in $(OUT) (default ./gpu_out).
+gpu-session:
+	bash scripts/gpu_session.sh

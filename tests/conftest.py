@@ -15,6 +15,35 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+
+def _squeeze_scalars_in_old_triton_interpreter():
+    """triton < 3.7's interpreter turns a scalar into a Python int with ``int(data)`` of a
+    1-element array, which numpy >= 2.5 refuses ("only 0-dimensional arrays can be converted to
+    Python scalars"): ``for k in range(k0, k1, BK)`` over loaded bounds then fails under
+    TRITON_INTERPRET=1 with triton 3.6 + numpy 2.5 (seen with torch 2.11). triton 3.8 squeezes
+    first; this applies the same squeeze to the old interpreter (interpreter only: compiled
+    kernels never go through it)."""
+    try:
+        import inspect
+
+        from triton.runtime import interpreter as ti
+
+        orig = ti._patch_lang_tensor
+        if "int(self.handle.data))" not in inspect.getsource(orig):
+            return
+    except Exception:  # noqa: BLE001 - no triton, or an interpreter without this function
+        return
+
+    def patched(tensor, scope):
+        orig(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    ti._patch_lang_tensor = patched
+
+
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    _squeeze_scalars_in_old_triton_interpreter()
+
 _real_empty = torch.empty
 _real_empty_like = torch.empty_like
 

@@ -88,3 +88,26 @@ def test_ceilings_e2e_and_files(quick_run):
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "resnet18_b256" in stdout and "% floor" in stdout  # the table was printed
     print(f"quick bench wall time: {wall:.1f}s (in-run {result['meta']['wall_s']:.1f}s)")
+
+
+def test_time_limit_records_skipped_rows_and_still_writes_files(tmp_path, monkeypatch):
+    """``--time-limit``: rows not started in time are ``skipped`` with the reason, the e2e table
+    too, and the JSON / CSV / PNG are still written (the PNG with no timed row at all)."""
+    from guidance_kernels.bench import report, runner
+    from guidance_kernels.bench.ceilings import Ceilings
+
+    fake = Ceilings(1e10, 1e11, "bfloat16", {"bfloat16": 1e11, "float32": 1e11, "float64": 1e10}, 1 << 20, 64)
+    monkeypatch.setattr(runner, "measure_ceilings", lambda *a, **k: fake)
+    cfg = runner.BenchConfig(device="cpu", quick=True, workloads=["W5", "W1"], impls=["eager", "gk:reference"],
+                             time_limit_s=0)
+    result = runner.run_bench(cfg, log=lambda s: None)
+    assert {(r["workload"], r["impl"], r["mode"]) for r in result["records"]} == {
+        (w, i, m) for w in ("many_small", "resnet18_b256") for i in ("eager", "gk:reference") for m in ("fwd", "fwd+bwd")
+    }
+    for r in result["records"]:
+        assert r["status"] == "skipped" and "time limit" in r["reason"] and r["floor_s"] > 0, r
+    assert [e["status"] for e in result["e2e"]] == ["skipped"]
+    paths = report.write_all(result, tmp_path / "r.json")
+    assert json.loads(paths[0].read_text())["meta"]["config"]["time_limit_s"] == 0
+    assert len(list(csv.DictReader(paths[1].open()))) == len(result["records"]) + 1
+    assert paths[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

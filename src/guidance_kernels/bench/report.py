@@ -214,7 +214,8 @@ def write_png(result: dict, path: Path) -> None:
             ax.set_title(f"{mode}: {label}", fontsize=10)
             ax.grid(axis="y", which="major", alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 8), frameon=False)
+    if labels:  # no timed row at all (e.g. everything skipped): no legend
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 8), frameon=False)
     fig.suptitle(_title(result), fontsize=10)
     fig.tight_layout(rect=(0, 0.06, 1, 0.96))
     fig.savefig(path, dpi=110)

@@ -49,6 +49,10 @@ class BenchConfig:
     compile_scope: Optional[str] = None  # "pair" | "loss"
     e2e: bool = True
     seed: int = 0
+    # Wall-clock limit for the whole run (None: none). Rows not started when it has passed are
+    # recorded as skipped (and the e2e table too), so a run under an outer deadline (a lent GPU's
+    # per-command limit) still writes its JSON / CSV / PNG with what it measured.
+    time_limit_s: Optional[float] = None
 
     def resolved(self) -> "BenchConfig":
         c = dataclasses.replace(self)
@@ -165,9 +169,40 @@ def device_name(device: torch.device) -> str:
     return f"{cpu} ({torch.get_num_threads()} threads, {os.cpu_count()} cores)"
 
 
+def _out_of_time(cfg: BenchConfig, t_start: Optional[float]) -> Optional[str]:
+    """The skip reason once ``cfg.time_limit_s`` has passed since ``t_start``, else None."""
+    if cfg.time_limit_s is None or t_start is None:
+        return None
+    if time.perf_counter() - t_start < cfg.time_limit_s:
+        return None
+    return f"bench time limit ({cfg.time_limit_s:g} s) reached before this row"
+
+
 def run_workload(
-    w: Workload, impls, cfg: BenchConfig, ceil: Ceilings, device: torch.device, dtype, log: Callable
+    w: Workload,
+    impls,
+    cfg: BenchConfig,
+    ceil: Ceilings,
+    device: torch.device,
+    dtype,
+    log: Callable,
+    t_start: Optional[float] = None,
 ) -> list[dict]:
+    late = _out_of_time(cfg, t_start)
+    if late is not None:  # not even the inputs: record every row as skipped
+        records = []
+        for impl in impls:
+            for mode in cfg.modes:
+                cost = w.cost(dtype, backward=(mode == "fwd+bwd"))
+                floor_s, bound = floor_seconds(cost, ceil)
+                records.append({
+                    "workload": w.name, "shapes": w.summary(), "impl": impl.name, "kind": impl.kind,
+                    "metric": impl.metric, "note": impl.note, "mode": mode, "bytes": cost["bytes"],
+                    "flops": cost["flops"], "floor_s": floor_s, "bound": bound,
+                    "status": "skipped", "reason": late,
+                })
+        log(f"  {w.name:16s} skipped: {late}")
+        return records
     xs, ys = w.make_inputs(device, dtype, seed=cfg.seed)
     k = rotation_count(w.input_bytes(dtype), device)
     arg_sets = [(xs, ys)] + [w.make_inputs(device, dtype, seed=cfg.seed + 1 + i) for i in range(k - 1)]
@@ -201,6 +236,11 @@ def run_workload(
             rec.update(bytes=cost["bytes"], flops=cost["flops"], floor_s=floor_s, bound=bound)
             if reason is not None:
                 rec.update(status="skipped", reason=reason)
+                records.append(rec)
+                continue
+            late = _out_of_time(cfg, t_start)
+            if late is not None:
+                rec.update(status="skipped", reason=late)
                 records.append(rec)
                 continue
             if mode == "fwd+bwd" and not impl.differentiable:
@@ -301,9 +341,13 @@ def run_bench(cfg: BenchConfig, log: Callable = print) -> dict:
     records = []
     for w in workloads:
         log(f"{w.name}: {w.summary()}")
-        records += run_workload(w, impls, cfg, ceil, device, dtype, log)
+        records += run_workload(w, impls, cfg, ceil, device, dtype, log, t_start=t_start)
     e2e = []
-    if cfg.e2e:
+    late = _out_of_time(cfg, t_start) if cfg.e2e else None
+    if late is not None:
+        log(f"e2e skipped: {late}")
+        e2e = [{"variant": "e2e", "status": "skipped", "reason": late}]
+    elif cfg.e2e:
         from guidance_kernels.bench.e2e import run_e2e
 
         try:

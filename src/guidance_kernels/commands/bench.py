@@ -22,6 +22,9 @@ def command(
     max_call_s: Optional[float] = typer.Option(None, help="Skip implementations estimated slower than this per call."),
     compile_scope: Optional[str] = typer.Option(None, help="torch.compile scope: pair (per-pair function) or loss."),
     e2e: bool = typer.Option(True, "--e2e/--no-e2e", help="Also time one guided training step."),
+    time_limit: Optional[float] = typer.Option(
+        None, "--time-limit", help="Seconds for the whole run; rows not started by then are recorded as skipped."
+    ),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="JSON path; the CSV and PNG go beside it."),
     markdown: bool = typer.Option(False, "--markdown", help="Also print the table as Markdown."),
 ) -> None:
@@ -47,6 +50,7 @@ def command(
         max_call_s=max_call_s,
         compile_scope=compile_scope,
         e2e=e2e,
+        time_limit_s=time_limit,
     )
     result = run_bench(cfg, log=lambda s: typer.echo(s, err=True))
     report.print_table(result)

@@ -20,6 +20,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <map>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -114,11 +115,21 @@ int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Copies the host descriptor bytes to the device through pinned memory, asynchronously on the
 // current stream (no host sync). The device buffer is used on the stream it was allocated on, so
-// the caching allocator keeps it alive until the kernels that read it have run.
+// the caching allocator keeps it alive until the kernels that read it have run. During CUDA-graph
+// capture the copy is replayed from the same host buffer, so that buffer is kept (unchanged) for
+// the life of the process, one per distinct descriptor (pointers are static in a graph).
 Tensor upload(const std::vector<uint8_t>& bytes, const at::Device& device) {
   auto host = at::empty({static_cast<int64_t>(bytes.size())},
                         at::TensorOptions().dtype(at::kByte).pinned_memory(true));
   std::memcpy(host.data_ptr(), bytes.data(), bytes.size());
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  CHECK_CUDA_CALL(cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(device.index()).stream(), &status));
+  if (status != cudaStreamCaptureStatusNone) {
+    static std::mutex mu;
+    static std::map<std::vector<uint8_t>, Tensor> kept;
+    std::lock_guard<std::mutex> lock(mu);
+    host = kept.emplace(bytes, host).first->second;
+  }
   return host.to(device, /*non_blocking=*/true);
 }
 

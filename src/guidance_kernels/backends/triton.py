@@ -171,11 +171,21 @@ def _device_table(rows: list[list[int]], device: torch.device, width: int, cache
     host->device copy synchronizes, so they go through pinned memory, ``non_blocking`` (the
     caching host allocator keeps the pinned block until the copy is done). ``cached`` tables
     (plans, reused across calls and possibly across streams) are copied synchronously, once per
-    shape signature, so that they are on the device before any stream reads them."""
+    shape signature, so that they are on the device before any stream reads them (build plans
+    in a warm-up call before CUDA-graph capture: a synchronous copy cannot be captured)."""
     t = torch.tensor(rows, dtype=torch.int64).reshape(len(rows), width)
     if device.type == "cuda" and not cached:
-        return t.pin_memory().to(device, non_blocking=True)
+        pinned = t.pin_memory()
+        if torch.cuda.is_current_stream_capturing():
+            # A CUDA graph replays the copy from this very host buffer: keep it, unchanged,
+            # for the life of the process (one per distinct table; pointers are static in a graph).
+            pinned = _CAPTURED_TABLES.setdefault((tuple(map(tuple, rows)), width), pinned)
+        return pinned.to(device, non_blocking=True)
     return t.to(device)
+
+
+# host buffers of tables copied during CUDA-graph capture (see _device_table)
+_CAPTURED_TABLES: dict = {}
 
 
 def _flags(da: torch.dtype, db: torch.dtype):

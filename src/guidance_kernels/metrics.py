@@ -152,7 +152,10 @@ class _NuclearNorm(torch.autograd.Function):
         l64 = torch.where(bad[..., None, None], 0.0, lc.double())
         ctx.save_for_backward(k64, l64)
         nuc = _NuclearNorm._root_and_grad(k64, l64, ctx.rel, False)[0]
-        return torch.where(bad, float("nan"), nuc).to(kc.dtype)
+        out = torch.where(bad, float("nan"), nuc)
+        # no `.to` when the dtype already matches: under torch.compile, torch 2.11 (fixed by 2.14)
+        # drops the gradient of an autograd.Function whose output is a no-op `.to` alias
+        return out if out.dtype == kc.dtype else out.to(kc.dtype)
 
     @staticmethod
     def backward(ctx, g):

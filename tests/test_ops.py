@@ -35,6 +35,26 @@ def test_opcheck_every_op(dtype):
         torch.library.opcheck(op, args)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gram_stats_op(dtype):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 7, 5, generator=g, dtype=dtype)
+    k = (x @ x.mT).requires_grad_()
+    l = torch.randn(3, 7, 7, generator=g, dtype=dtype).requires_grad_()
+    st = ops.gram_stats(k, l, "reference")
+    kd, ld = k.double(), l.double()
+    want = torch.stack([(kd * ld).sum((1, 2)), (kd * kd).sum((1, 2)), (ld * ld).sum((1, 2)),
+                        kd.diagonal(dim1=1, dim2=2).sum(1), ld.diagonal(dim1=1, dim2=2).sum(1)], 1)
+    assert st.dtype == torch.float64 and st.shape == (3, 5)
+    torch.testing.assert_close(st, want, rtol=1e-12, atol=0)
+    torch.library.opcheck(ops.gram_stats, (k, l, "reference"))
+    if dtype == torch.float64:
+        assert torch.autograd.gradcheck(lambda k, l: ops.gram_stats(k, l, "reference"), (k, l))
+        assert torch.autograd.gradgradcheck(lambda k, l: ops.gram_stats(k, l, "reference"), (k, l))
+    with pytest.raises(ValueError, match="one shape"):
+        ops.gram_stats(k, l[:, :6, :6], "reference")
+
+
 def test_ops_return_one_stack_per_group():
     x, y = _xy()
     x2, _ = _xy(p=3, seed=1)

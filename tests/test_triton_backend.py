@@ -370,6 +370,26 @@ def _op_cases():
     }
 
 
+@pytest.mark.parametrize("n", [1, 5, 33])
+def test_gram_stats_matches_reference(n):
+    """One stats launch for every pair: (Σ K∘L, Σ K∘K, Σ L∘L, tr K, tr L) in fp64, here with
+    several chunks per pair (n = 33: 1089 elements over 4 programs of 256)."""
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(3, n, 2 * n + 1, generator=g)
+    k = (x @ x.mT).to(DEV)
+    l = (torch.randn(3, n, n, generator=g) * 1e18).to(DEV)  # fp32 products would overflow
+    got = tb.gram_stats(k, l)
+    assert got.dtype == torch.float64 and got.shape == (3, 5)
+    torch.testing.assert_close(got, _ref_gram_stats(k, l), rtol=1e-12, atol=0)
+    torch.library.opcheck(ops.gram_stats, (k.requires_grad_(), l, "triton"))
+
+
+def _ref_gram_stats(k, l):
+    from guidance_kernels.backends import reference
+
+    return reference.gram_stats(k, l)
+
+
 @pytest.mark.parametrize("name", ["gram", "gram_backward", "cross", "cross_backward"])
 def test_opcheck(name):
     op, args = _op_cases()[name]

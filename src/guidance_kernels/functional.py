@@ -126,8 +126,11 @@ def _sample_scores(xs, ys, metric, backend) -> list[tuple[list[int], Tensor]]:
         l = _take(tables, where, [L + i for i in idx])
         if k.dtype != l.dtype:
             k, l = k.double(), l.double()
-        if metric in _SIMILARITIES:
-            s = metrics.cka_from_grams(k, l, debiased=metric == "debiased_cka")
+        if metric == "cka":  # one fused statistics call for the group
+            st = ops.gram_stats(k.contiguous(), l.contiguous(), backend)
+            s = metrics.cka_from_stats(st, k.dtype)
+        elif metric == "debiased_cka":
+            s = metrics.cka_from_grams(k, l, debiased=True)
         else:
             s = metrics.procrustes_from_grams(k, l, angular=metric == "angular_procrustes")
         parts.append((idx, s))

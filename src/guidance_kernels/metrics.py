@@ -98,6 +98,19 @@ def cka_from_grams(kc: Tensor, lc: Tensor, debiased: bool = False) -> Tensor:
     return _cosine((k * l).sum((-2, -1)), a2, b2, a2, b2)
 
 
+def cka_from_stats(st: Tensor, gram_dtype: torch.dtype) -> Tensor:
+    """Linear CKA from ``st = (Σ K∘L, Σ K∘K, Σ L∘L, tr K, tr L)`` (..., 5) fp64 of centered
+    Grams of ``gram_dtype`` (``ops.gram_stats``) -> (...,) fp64. The same value, degenerate
+    rule and gradient as :func:`cka_from_grams` (a trace at or below the floor, or a zero Gram,
+    gives 0 and a zero gradient); the sums are fp64, so no normalization is needed for range."""
+    kl, kk, ll, tk, tl_ = st.unbind(-1)
+    fi = torch.finfo(gram_dtype)
+    floor = fi.tiny / fi.eps
+    kkll = kk * ll
+    ok = (torch.minimum(tk, tl_) > floor) & (kkll > 0)
+    return torch.where(ok, kl / torch.sqrt(torch.where(ok, kkll, 1.0)), 0.0)
+
+
 def cka_from_cross(ac: Tensor, bc: Tensor, cc: Tensor) -> Tensor:
     """Linear CKA from centered feature-space products ``ac = Xcᵀ Xc`` (..., p, p),
     ``bc = Ycᵀ Yc`` (..., q, q), ``cc = Xcᵀ Yc`` (..., p, q) -> (...,). Equals

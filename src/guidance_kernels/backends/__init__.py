@@ -26,6 +26,10 @@ catastrophically, centering a shifted one does not. Kernels subtract ``x[0, f]``
     Returns ``x' @ ms[i] + y' @ ns[i] + vs[i]`` (``vs[i]`` broadcast over rows),
     shape ``(n_i, p_i)``, in ``xs[i].dtype``. ``ms[i]: (p,p)``, ``ns[i]: (q,p)``, ``vs[i]: (p,)``.
 
+``gram_stats(k, l) -> Tensor`` (optional; the reference implementation is used when ``None``)
+    ``k``, ``l``: ``(P, n, n)`` contiguous centered Grams of one dtype. Returns ``(P, 5)`` fp64
+    ``(Σ K∘L, Σ K∘K, Σ L∘L, tr K, tr L)`` per pair: everything linear CKA needs.
+
 A backend module registers itself with :func:`register_backend` and must never sync with the
 host (no ``.item()``, no branching on tensor values). Availability is checked by ``available``,
 which returns ``None`` if usable for the given device or a string saying why not.
@@ -50,6 +54,7 @@ class Backend:
     cross: Callable
     cross_backward: Callable
     available: Callable[[torch.device], Optional[str]] = lambda device: None
+    gram_stats: Optional[Callable] = None
     # Lower is preferred by backend="auto" on a device where the backend is available.
     priority: dict = dataclasses.field(default_factory=dict)
 

@@ -100,6 +100,22 @@ def cross_backward(xs, ms, ys, ns, vs) -> list[Tensor]:
     return out
 
 
+def gram_stats(k: Tensor, l: Tensor) -> Tensor:
+    """(P, n, n) centered Grams -> (P, 5) fp64 ``(Σ K∘L, Σ K∘K, Σ L∘L, tr K, tr L)`` (fp64
+    Gram-sized temporaries: products of fp32 values are exact in fp64 and cannot overflow)."""
+    kd, ld = k.double(), l.double()
+    return torch.stack(
+        [
+            (kd * ld).sum((-2, -1)),
+            (kd * kd).sum((-2, -1)),
+            (ld * ld).sum((-2, -1)),
+            kd.diagonal(dim1=-2, dim2=-1).sum(-1),
+            ld.diagonal(dim1=-2, dim2=-1).sum(-1),
+        ],
+        -1,
+    )
+
+
 register_backend(
     Backend(
         name="reference",
@@ -107,6 +123,7 @@ register_backend(
         gram_backward=gram_backward,
         cross=cross,
         cross_backward=cross_backward,
+        gram_stats=gram_stats,
         priority={"cpu": 0, "cuda": 100},
     )
 )

@@ -39,6 +39,7 @@ try:
 
     from guidance_kernels.kernels import triton_atb as _atb
     from guidance_kernels.kernels import triton_aw as _aw
+    from guidance_kernels.kernels import triton_stats as _stats
 
     _IMPORT_ERROR: Optional[str] = None
 except ImportError as e:  # pragma: no cover - exercised only without triton
@@ -603,6 +604,25 @@ def cross_backward(xs, ms, ys, ns, vs) -> list[Tensor]:
     return out
 
 
+def gram_stats(k: Tensor, l: Tensor) -> Tensor:
+    """(P, n, n) centered Grams -> (P, 5) fp64 CKA statistics: one ``stats_kernel`` launch for
+    every pair, plus one sum over its fixed number of partials (deterministic)."""
+    if k.dtype != torch.float32 or l.dtype != torch.float32:
+        return _ref.gram_stats(k, l)
+    k, l = k.contiguous(), l.contiguous()
+    P, n = k.shape[0], k.shape[-1]
+    nn_ = n * n
+    block = 1024 if k.device.type == "cuda" else 256
+    nb = max(1, min(-(-nn_ // block), 64 if k.device.type == "cuda" else 4))
+    part = torch.empty((P, nb, 5), dtype=torch.float64, device=k.device)
+    if P and nn_:
+        with _launch_ctx(k.device):
+            _stats.stats_kernel[(P, nb)](k, l, part, nn_, n + 1, BLOCK=block, num_warps=4)
+    else:
+        part.zero_()
+    return part.sum(1)
+
+
 register_backend(
     Backend(
         name="triton",
@@ -611,6 +631,7 @@ register_backend(
         cross=cross,
         cross_backward=cross_backward,
         available=available,
+        gram_stats=gram_stats,
         priority={"cuda": 10},
     )
 )

@@ -455,6 +455,9 @@ for dt, wide in [("bf16", False)]:
                  PREC="tf32", RNE_FIX=False, A_LAYOUT=lay, W_LAYOUT=lay, O_LAYOUT=lay, ALIGN=True,
                  SHIFT=shift)
         build(W.aw_kernel, {**sig, **ptr(c, "constexpr")}, c, warps, stages, f"aw_{name}_{dt}")
+from guidance_kernels.kernels import triton_stats as S
+build(S.stats_kernel, {"K": "*fp32", "L": "*fp32", "OUT": "*fp64", "NN": "i64", "N1": "i64", "BLOCK": "constexpr"},
+      {"BLOCK": 1024}, 4, 1, "stats")
 print("RESULT" + json.dumps(out))
 """
 
@@ -477,7 +480,8 @@ def test_kernels_compile_for_hopper():
     r = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout.split("RESULT", 1)[1])
-    assert set(res) == {"atb_gram_bf16", "atb_cross_bf16", "aw_gram_backward_bf16", "aw_cross_backward_bf16"}
+    assert set(res) == {"atb_gram_bf16", "atb_cross_bf16", "aw_gram_backward_bf16", "aw_cross_backward_bf16", "stats"}
+    assert res.pop("stats")["shared"] <= 48 * 1024  # the CKA statistics kernel: compiles, small
     for name, m in res.items():
         assert m["wgmma"] > 0 and m["cp_async16"] > 0 and m["scalar16"] == 0, (name, m)
         assert m["shared"] <= 160 * 1024, (name, m)

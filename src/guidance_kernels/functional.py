@@ -19,6 +19,7 @@ from torch import Tensor
 
 from guidance_kernels import _checks, metrics, ops
 from guidance_kernels.backends import resolve_backend
+from guidance_kernels.backends.dispatch import shape_class
 from guidance_kernels.backends.reference import acc_dtype
 
 Metric = Literal["cka", "debiased_cka", "procrustes", "angular_procrustes"]
@@ -169,7 +170,7 @@ def pair_scores(
     if form == "feature" and metric != "cka":
         raise ValueError(f"form='feature' supports metric 'cka' only, not {metric!r}")
     xs, ys = _checks.check_pairs(targets, guides, min_n=4 if metric == "debiased_cka" else 2)
-    name = resolve_backend(backend, xs + ys)
+    name = resolve_backend(backend, xs + ys, shape_class(xs, ys) if backend == "auto" else None)
     if form == "auto":
         forms = [
             choose_form(x.shape[0], x.shape[1], y.shape[1])

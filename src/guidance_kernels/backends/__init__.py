@@ -98,16 +98,18 @@ def _why_unavailable(name: str, device: torch.device) -> Optional[str]:
         return str(e)
 
 
-def resolve_backend(backend: str, tensors: Sequence[torch.Tensor]) -> str:
-    """Pick the backend name for ``tensors`` (all on one device). ``"auto"`` picks, per device
-    type, the available backend with the lowest priority number (reference everywhere else).
-    Under ``torch.compile`` the answer is computed eagerly and baked in as a constant."""
+def resolve_backend(backend: str, tensors: Sequence[torch.Tensor], shape_class: Optional[str] = None) -> str:
+    """Pick the backend name for ``tensors`` (all on one device). ``"auto"`` picks, on CUDA, the
+    backend measured fastest for this device and ``shape_class`` (:mod:`.dispatch`) when the
+    committed table has it, else the available backend with the lowest priority number
+    (reference everywhere else). Under ``torch.compile`` the answer is computed eagerly and baked
+    in as a constant."""
     device = tensors[0].device if tensors else torch.device("cpu")
-    return _resolve(backend, device.type, device.index)
+    return _resolve(backend, device.type, device.index, shape_class)
 
 
 @torch.compiler.assume_constant_result
-def _resolve(backend: str, device_type: str, index: Optional[int]) -> str:
+def _resolve(backend: str, device_type: str, index: Optional[int], shape_class: Optional[str] = None) -> str:
     device = torch.device(device_type, index) if index is not None else torch.device(device_type)
     if backend != "auto":
         why = _why_unavailable(backend, device)
@@ -116,6 +118,13 @@ def _resolve(backend: str, device_type: str, index: Optional[int]) -> str:
         return backend
     if device.type == "cpu":
         return "reference"
+    if device.type == "cuda":
+        from guidance_kernels.backends.dispatch import measured_choice
+
+        name = torch.cuda.get_device_name(device)
+        choice = measured_choice(name, shape_class)
+        if choice is not None and choice in _LAZY and _why_unavailable(choice, device) is None:
+            return choice
     best, best_rank = "reference", None
     for name in _LAZY:
         if name == "reference" or _why_unavailable(name, device) is not None:

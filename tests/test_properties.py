@@ -155,3 +155,14 @@ def test_module_weights_survive_a_dtype_cast():
     ys = [torch.randn(8, 4), torch.randn(8, 3)]
     want = gk.guidance_loss(xs, ys, weights=[0.3, 0.1])
     torch.testing.assert_close(crit(xs, ys), want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("form", ["sample", "feature"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_cka_non_finite_input_gives_nan_in_both_forms(form, bad):
+    """Non-finite activations must not be reported as a (degenerate) CKA of 0: AMP's loss scaler
+    needs the NaN to skip the step."""
+    x = torch.randn(12, 6)
+    x[3, 2] = bad
+    loss = gk.guidance_loss([x], [torch.randn(12, 5)], form=form)
+    assert torch.isnan(loss)

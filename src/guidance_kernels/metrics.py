@@ -107,19 +107,21 @@ def cka_from_stats(st: Tensor, gram_dtype: torch.dtype) -> Tensor:
     fi = torch.finfo(gram_dtype)
     floor = fi.tiny / fi.eps
     kkll = kk * ll
-    ok = (torch.minimum(tk, tl_) > floor) & (kkll > 0)
-    return torch.where(ok, kl / torch.sqrt(torch.where(ok, kkll, 1.0)), 0.0)
+    deg = (torch.minimum(tk, tl_) <= floor) | (kkll <= 0)  # False for NaN: non-finite stays NaN
+    return torch.where(deg, 0.0, kl / torch.sqrt(torch.where(deg, 1.0, kkll)))
 
 
 def cka_from_cross(ac: Tensor, bc: Tensor, cc: Tensor) -> Tensor:
     """Linear CKA from centered feature-space products ``ac = Xcᵀ Xc`` (..., p, p),
     ``bc = Ycᵀ Yc`` (..., q, q), ``cc = Xcᵀ Yc`` (..., p, q) -> (...,). Equals
-    :func:`cka_from_grams` (``||Xcᵀ Yc||² = <Kc, Lc>``, ``||Xcᵀ Xc|| = ||Kc||``)."""
-    ix, iy = _inv_scale(_trace(ac)), _inv_scale(_trace(bc))
-    an, bn = ac * ix[..., None, None], bc * iy[..., None, None]
-    cn = cc * torch.sqrt(ix * iy)[..., None, None]
-    a2, b2 = _frob2(an), _frob2(bn)
-    return _cosine(_frob2(cn), a2, b2, a2, b2)
+    :func:`cka_from_grams` (``||Xcᵀ Yc||² = <Kc, Lc>``, ``||Xcᵀ Xc|| = ||Kc||``).
+
+    The sums are taken in fp64 (products of fp32 values are exact there and cannot overflow;
+    temporaries are ``p²``-sized), in a fixed number of ops per group of equal shapes, and
+    combined by :func:`cka_from_stats` (the same degenerate rule). Returns ``ac``'s dtype."""
+    a, b, c = ac.double(), bc.double(), cc.double()
+    st = torch.stack([_frob2(c), _frob2(a), _frob2(b), _trace(a), _trace(b)], -1)
+    return cka_from_stats(st, ac.dtype).to(ac.dtype)
 
 
 class _NuclearNorm(torch.autograd.Function):

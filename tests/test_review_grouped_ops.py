@@ -1,5 +1,6 @@
 """Review of the grouped ops / gram_stats change (3396a90..): guards for properties verified to
-hold, and two strict xfails that demonstrate real regressions (see the reasons)."""
+hold, and the two regressions it found (fp64 CKA range, fp32 pairs grouped with fp64 ones),
+fixed since."""
 
 import random
 
@@ -88,16 +89,11 @@ def test_random_mixed_calls_reference():
         torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0, msg=f"seed {seed}")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cka_from_stats sums K∘K, L∘L and forms ΣK∘K·ΣL∘L un-normalized: for fp64 input with "
-    "|x| beyond ~1e±38 the product under/overflows, CKA becomes 0 (or NaN) with a zero (NaN) "
-    "gradient; cka_from_grams (3396a90) normalized by the trace and was exact at any scale. "
-    "Since 9bbcc5a the feature form (cka_from_cross) has the same problem.",
-)
 @pytest.mark.parametrize("form", ["sample", "feature"])
 @pytest.mark.parametrize("scale", [1e-60, 1e60])
 def test_fp64_cka_is_scale_invariant(form, scale):
+    """fp64 Grams are trace-normalized before the fp64 sums (review finding: un-normalized
+    ΣK∘K·ΣL∘L left fp64's range beyond |x| ~ 1e±38)."""
     torch.manual_seed(0)
     x0 = torch.randn(16, 10, dtype=torch.float64)
     y0 = torch.randn(16, 10, dtype=torch.float64) + x0
@@ -110,13 +106,9 @@ def test_fp64_cka_is_scale_invariant(form, scale):
     torch.testing.assert_close(g * scale, g0, rtol=1e-8, atol=1e-12)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_sample_scores groups pairs by n only, so an fp32 pair that shares n with an fp64 pair "
-    "is promoted to fp64 and judged by fp64's degenerate rule (64 eps of fp64): its debiased CKA "
-    "of fp32 rounding noise is no longer 0. 3396a90 grouped by (n, dtype of K, dtype of L).",
-)
 def test_fp32_pair_score_does_not_depend_on_an_fp64_pair_in_the_same_call():
+    """Pairs are batched per (n, Gram dtypes), so an fp32 pair keeps fp32's degenerate rule
+    (review finding: grouping by n only promoted it to fp64)."""
     torch.manual_seed(0)
     n = 12
     q, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64))

@@ -122,12 +122,17 @@ def _sample_scores(xs, ys, metric, backend) -> list[tuple[list[int], Tensor]]:
     tables, where = _gram_tables(xs + ys, backend)
     L = len(xs)
     parts = []
-    for idx in ops.group_by(xs, lambda x: x.shape[0]).values():  # the small math, batched per n
+    # the small math, batched per n and Gram dtypes (an fp32 pair keeps fp32's degenerate rules
+    # whatever else is in the call)
+    key = lambda i: (xs[i].shape[0], where[i][0][1], where[L + i][0][1])  # noqa: E731
+    for idx in ops.group_by(range(L), key).values():
         k = _take(tables, where, idx)
         l = _take(tables, where, [L + i for i in idx])
         if k.dtype != l.dtype:
             k, l = k.double(), l.double()
         if metric == "cka":  # one fused statistics call for the group
+            if k.dtype == torch.float64:  # ΣK∘K ΣL∘L would leave fp64's range beyond |x| ~ 1e±38
+                k, l = metrics.normalize_gram(k), metrics.normalize_gram(l)
             st = ops.gram_stats(k.contiguous(), l.contiguous(), backend)
             s = metrics.cka_from_stats(st, k.dtype)
         elif metric == "debiased_cka":

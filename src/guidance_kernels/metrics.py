@@ -102,7 +102,8 @@ def cka_from_stats(st: Tensor, gram_dtype: torch.dtype) -> Tensor:
     """Linear CKA from ``st = (Σ K∘L, Σ K∘K, Σ L∘L, tr K, tr L)`` (..., 5) fp64 of centered
     Grams of ``gram_dtype`` (``ops.gram_stats``) -> (...,) fp64. The same value, degenerate
     rule and gradient as :func:`cka_from_grams` (a trace at or below the floor, or a zero Gram,
-    gives 0 and a zero gradient); the sums are fp64, so no normalization is needed for range."""
+    gives 0 and a zero gradient; NaN/inf stay NaN). fp64 sums of fp32 Grams need no
+    normalization for range; fp64 Grams must be trace-normalized first (``normalize_gram``)."""
     kl, kk, ll, tk, tl_ = st.unbind(-1)
     fi = torch.finfo(gram_dtype)
     floor = fi.tiny / fi.eps
@@ -120,6 +121,10 @@ def cka_from_cross(ac: Tensor, bc: Tensor, cc: Tensor) -> Tensor:
     temporaries are ``p²``-sized), in a fixed number of ops per group of equal shapes, and
     combined by :func:`cka_from_stats` (the same degenerate rule). Returns ``ac``'s dtype."""
     a, b, c = ac.double(), bc.double(), cc.double()
+    if ac.dtype == torch.float64:  # fp64 products: normalize first, or the sums leave the range
+        ix, iy = _inv_scale(_trace(a)), _inv_scale(_trace(b))
+        a, b = a * ix[..., None, None], b * iy[..., None, None]
+        c = c * (torch.sqrt(ix) * torch.sqrt(iy))[..., None, None]
     st = torch.stack([_frob2(c), _frob2(a), _frob2(b), _trace(a), _trace(b)], -1)
     return cka_from_stats(st, ac.dtype).to(ac.dtype)
 

@@ -33,15 +33,16 @@ def winners(result: dict) -> dict[str, str]:
         w = by_name.get(r["workload"])
         if backend is None or w is None or r["mode"] != "fwd+bwd" or r.get("status") != "ok":
             continue
-        klass = shape_class_of(w.n, w.forms())
+        klass = shape_class_of(w.n, w.forms(), result["meta"].get("dtype", "bf16"))
         totals.setdefault(klass, {}).setdefault(backend, 0.0)
         totals[klass][backend] += r["median_s"]
         seen.setdefault(klass, {}).setdefault(backend, set()).add(w.name)
     out = {}
     for klass, t in totals.items():
-        # compare only backends measured on the same workloads of the class
+        # compare only backends measured on every workload of the class that any was measured on
         full = [b for b in t if seen[klass][b] == set().union(*seen[klass].values())]
-        out[klass] = min(full or t, key=t.get)
+        if full:  # else the sums are over different workloads: leave the class to the priorities
+            out[klass] = min(full, key=t.get)
     return out
 
 

@@ -131,8 +131,7 @@ def _sample_scores(xs, ys, metric, backend) -> list[tuple[list[int], Tensor]]:
         if k.dtype != l.dtype:
             k, l = k.double(), l.double()
         if metric == "cka":  # one fused statistics call for the group
-            if k.dtype == torch.float64:  # ΣK∘K ΣL∘L would leave fp64's range beyond |x| ~ 1e±38
-                k, l = metrics.normalize_gram(k), metrics.normalize_gram(l)
+            k, l = metrics.stats_ready(k, l)
             st = ops.gram_stats(k.contiguous(), l.contiguous(), backend)
             s = metrics.cka_from_stats(st, k.dtype)
         elif metric == "debiased_cka":

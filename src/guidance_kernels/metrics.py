@@ -88,14 +88,35 @@ def cka_from_grams(kc: Tensor, lc: Tensor, debiased: bool = False) -> Tensor:
     """Linear CKA from centered Grams ``kc = H X Xᵀ H``, ``lc`` of shape (..., n, n) -> (...,).
 
     ``debiased=True`` uses U-centering (needs n >= 4; U-centering ignores the double
-    centering) and lies in [-1, 1]; otherwise [0, 1]."""
+    centering) and lies in [-1, 1]; otherwise [0, 1], from :func:`gram_stats` and
+    :func:`cka_from_stats` (the math of the fused ``ops.gram_stats`` path)."""
+    if not debiased:
+        k, l = stats_ready(kc, lc)
+        return cka_from_stats(gram_stats(k, l), kc.dtype).to(kc.dtype)
     k, l = normalize_gram(kc), normalize_gram(lc)
-    if debiased:
-        ku, lu = u_center_gram(k), u_center_gram(l)
-        rk, rl = _frob2(_zero_diagonal(k)), _frob2(_zero_diagonal(l))
-        return _cosine((ku * lu).sum((-2, -1)), _frob2(ku), _frob2(lu), rk, rl)
-    a2, b2 = _frob2(k), _frob2(l)
-    return _cosine((k * l).sum((-2, -1)), a2, b2, a2, b2)
+    ku, lu = u_center_gram(k), u_center_gram(l)
+    rk, rl = _frob2(_zero_diagonal(k)), _frob2(_zero_diagonal(l))
+    return _cosine((ku * lu).sum((-2, -1)), _frob2(ku), _frob2(lu), rk, rl)
+
+
+def gram_stats(k: Tensor, l: Tensor) -> Tensor:
+    """(..., n, n) centered Grams -> (..., 5) fp64 ``(Σ K∘L, Σ K∘K, Σ L∘L, tr K, tr L)`` (fp64
+    Gram-sized temporaries: products of fp32 values are exact in fp64 and cannot overflow).
+    The reference implementation of ``ops.gram_stats``."""
+    kd, ld = k.double(), l.double()
+    return torch.stack([_frob_dot(kd, ld), _frob2(kd), _frob2(ld), _trace(kd), _trace(ld)], -1)
+
+
+def _frob_dot(a: Tensor, b: Tensor) -> Tensor:
+    return (a * b).sum((-2, -1))
+
+
+def stats_ready(k: Tensor, l: Tensor) -> tuple[Tensor, Tensor]:
+    """Grams as :func:`gram_stats` needs them: fp64 Grams trace-normalized (``ΣK∘K ΣL∘L`` of
+    raw fp64 Grams leaves fp64's range beyond ``|x| ~ 1e±38``), fp32 ones as they are."""
+    if k.dtype == torch.float64:
+        return normalize_gram(k), normalize_gram(l)
+    return k, l
 
 
 def cka_from_stats(st: Tensor, gram_dtype: torch.dtype) -> Tensor:

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from guidance_kernels.backends import Backend, register_backend
+from guidance_kernels.metrics import gram_stats
 
 _BLOCK_ELEMS = 1 << 22  # largest temporary, in elements (16 MiB of fp32)
 
@@ -98,22 +99,6 @@ def cross_backward(xs, ms, ys, ns, vs) -> list[Tensor]:
             dx[s:e] = torch.addmm(v, xb, m).addmm_(yb, nn_)
         out.append(dx)
     return out
-
-
-def gram_stats(k: Tensor, l: Tensor) -> Tensor:
-    """(P, n, n) centered Grams -> (P, 5) fp64 ``(Σ K∘L, Σ K∘K, Σ L∘L, tr K, tr L)`` (fp64
-    Gram-sized temporaries: products of fp32 values are exact in fp64 and cannot overflow)."""
-    kd, ld = k.double(), l.double()
-    return torch.stack(
-        [
-            (kd * ld).sum((-2, -1)),
-            (kd * kd).sum((-2, -1)),
-            (ld * ld).sum((-2, -1)),
-            kd.diagonal(dim1=-2, dim2=-1).sum(-1),
-            ld.diagonal(dim1=-2, dim2=-1).sum(-1),
-        ],
-        -1,
-    )
 
 
 register_backend(

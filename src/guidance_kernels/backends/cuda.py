@@ -32,6 +32,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from guidance_kernels._grouping import group_by
 from guidance_kernels.backends import Backend, register_backend
 from guidance_kernels.backends import reference as _ref
 
@@ -126,14 +127,6 @@ def _f32(m: Tensor) -> Tensor:
     return m.to(torch.float32).contiguous()
 
 
-def _groups(keys: list) -> dict:
-    """key -> list of positions, in first-seen order."""
-    out: dict = {}
-    for i, k in enumerate(keys):
-        out.setdefault(k, []).append(i)
-    return out
-
-
 def _is_ref(t: Tensor) -> bool:
     return t.dtype == torch.float64 or t.dtype not in _SUPPORTED
 
@@ -141,7 +134,7 @@ def _is_ref(t: Tensor) -> bool:
 # --------------------------------------------------------------------------- primitives
 def gram(xs: list[Tensor]) -> list[Tensor]:
     out: list = [None] * len(xs)
-    for dt, idx in _groups([x.dtype for x in xs]).items():
+    for dt, idx in group_by([x.dtype for x in xs]).items():
         sub = [xs[i] for i in idx]
         res = _ref.gram(sub) if _is_ref(sub[0]) else _ext().gram([_act(x) for x in sub])
         for i, r in zip(idx, res):
@@ -151,7 +144,7 @@ def gram(xs: list[Tensor]) -> list[Tensor]:
 
 def gram_backward(ms: list[Tensor], xs: list[Tensor]) -> list[Tensor]:
     out: list = [None] * len(xs)
-    for dt, idx in _groups([x.dtype for x in xs]).items():
+    for dt, idx in group_by([x.dtype for x in xs]).items():
         sx, sm = [xs[i] for i in idx], [ms[i] for i in idx]
         if _is_ref(sx[0]):
             res = _ref.gram_backward(sm, sx)
@@ -171,7 +164,7 @@ def _pair_dtype(x: Tensor, y: Tensor) -> Optional[torch.dtype]:
 
 def cross(xs: list[Tensor], ys: list[Tensor]):
     outs: list = [[None] * len(xs) for _ in range(5)]
-    for dt, idx in _groups([_pair_dtype(x, y) for x, y in zip(xs, ys)]).items():
+    for dt, idx in group_by([_pair_dtype(x, y) for x, y in zip(xs, ys)]).items():
         sx, sy = [xs[i] for i in idx], [ys[i] for i in idx]
         if dt is None:
             res = _ref.cross(sx, sy)
@@ -185,7 +178,7 @@ def cross(xs: list[Tensor], ys: list[Tensor]):
 
 def cross_backward(xs, ms, ys, ns, vs) -> list[Tensor]:
     out: list = [None] * len(xs)
-    for dt, idx in _groups([_pair_dtype(x, y) for x, y in zip(xs, ys)]).items():
+    for dt, idx in group_by([_pair_dtype(x, y) for x, y in zip(xs, ys)]).items():
         sx, sm, sy, sn, sv = ([t[i] for i in idx] for t in (xs, ms, ys, ns, vs))
         if dt is None:
             res = _ref.cross_backward(sx, sm, sy, sn, sv)

@@ -31,6 +31,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from guidance_kernels._grouping import group_by
 from guidance_kernels.backends import Backend, register_backend
 from guidance_kernels.backends import reference as _ref
 
@@ -480,18 +481,11 @@ def _check(x: Tensor, device: Optional[torch.device] = None):
         raise ValueError(f"triton backend: all tensors of a call must be on one device ({device}, {x.device})")
 
 
-def _groups(keys):
-    g: dict = {}
-    for i, k in enumerate(keys):
-        g.setdefault(k, []).append(i)
-    return g
-
-
 def gram(xs: list[Tensor]) -> list[Tensor]:
     out: list = [None] * len(xs)
     for x in xs:
         _check(x, xs[0].device)
-    for dt, idx in _groups([x.dtype if x.dtype in _SUPPORTED else None for x in xs]).items():
+    for dt, idx in group_by([x.dtype if x.dtype in _SUPPORTED else None for x in xs]).items():
         if dt is None:
             for i, r in zip(idx, _ref.gram([xs[i] for i in idx])):
                 out[i] = r
@@ -511,7 +505,7 @@ def gram(xs: list[Tensor]) -> list[Tensor]:
 
 def gram_backward(ms: list[Tensor], xs: list[Tensor]) -> list[Tensor]:
     out: list = [None] * len(xs)
-    for dt, idx in _groups([x.dtype if x.dtype in _SUPPORTED else None for x in xs]).items():
+    for dt, idx in group_by([x.dtype if x.dtype in _SUPPORTED else None for x in xs]).items():
         if dt is None:
             for i, r in zip(idx, _ref.gram_backward([ms[i] for i in idx], [xs[i] for i in idx])):
                 out[i] = r
@@ -576,10 +570,7 @@ def cross(xs: list[Tensor], ys: list[Tensor]):
 
 def cross_backward(xs, ms, ys, ns, vs) -> list[Tensor]:
     out: list = [None] * len(xs)
-    groups: dict = {}
-    for i, (x, y) in enumerate(zip(xs, ys)):
-        groups.setdefault(_pair_key(x, y), []).append(i)
-    for key, idx in groups.items():
+    for key, idx in group_by([_pair_key(x, y) for x, y in zip(xs, ys)]).items():
         pick = lambda seq: [seq[i] for i in idx]  # noqa: E731
         if key is None:
             for i, r in zip(idx, _ref.cross_backward(pick(xs), pick(ms), pick(ys), pick(ns), pick(vs))):

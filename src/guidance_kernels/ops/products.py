@@ -28,24 +28,17 @@ activation-sized one).
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Hashable, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor
 
+from guidance_kernels._grouping import group_by
 from guidance_kernels.backends import get_backend
 from guidance_kernels.backends.reference import acc_dtype
 from guidance_kernels.metrics import center_gram
 
 __all__ = ["gram", "gram_backward", "cross", "cross_backward", "group_by"]
-
-
-def group_by(items: Sequence, key: Callable[..., Hashable]) -> dict:
-    """``key(item)`` -> positions of the items with that key, in first-seen order."""
-    out: dict = {}
-    for i, it in enumerate(items):
-        out.setdefault(key(it), []).append(i)
-    return out
 
 
 def _no_autocast(tensors):

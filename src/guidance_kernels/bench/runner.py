@@ -169,6 +169,21 @@ def device_name(device: torch.device) -> str:
     return f"{cpu} ({torch.get_num_threads()} threads, {os.cpu_count()} cores)"
 
 
+def _timed(cost: dict, floor_s: float, med: float, p20: float, p80: float, reps: int, rotation_sets: int) -> dict:
+    """The fields of a timed ("ok") record from its median and quantiles (seconds)."""
+    return dict(
+        status="ok",
+        median_s=med,
+        p20_s=p20,
+        p80_s=p80,
+        reps=reps,
+        gbps=cost["bytes"] / med / 1e9,
+        tflops=cost["flops"] / med / 1e12,
+        pct_floor=100.0 * floor_s / med,
+        rotation_sets=rotation_sets,
+    )
+
+
 def _out_of_time(cfg: BenchConfig, t_start: Optional[float]) -> Optional[str]:
     """The skip reason once ``cfg.time_limit_s`` has passed since ``t_start``, else None."""
     if cfg.time_limit_s is None or t_start is None:
@@ -276,9 +291,7 @@ def run_workload(
                 t_call = time.perf_counter() - t_call
             if t_call > cfg.max_call_s:  # the flop estimate missed it: one warm call is the timing
                 rec.update(
-                    status="ok", median_s=t_call, p20_s=t_call, p80_s=t_call, reps=1,
-                    gbps=cost["bytes"] / t_call / 1e9, tflops=cost["flops"] / t_call / 1e12,
-                    pct_floor=100.0 * floor_s / t_call, rotation_sets=1,
+                    _timed(cost, floor_s, t_call, t_call, t_call, reps=1, rotation_sets=1),
                     reason=f"timed once: a warm call took {t_call:.3g} s > max_call_s={cfg.max_call_s:g}",
                 )
                 log(f"  {w.name:16s} {impl.name:14s} {mode:8s} {t_call * 1e3:9.3f} ms  (one call, > max_call_s)")
@@ -300,17 +313,7 @@ def run_workload(
                 records.append(rec)
                 continue
             med = tm.median_s
-            rec.update(
-                status="ok",
-                median_s=med,
-                p20_s=tm.p20_s,
-                p80_s=tm.p80_s,
-                reps=tm.reps,
-                gbps=cost["bytes"] / med / 1e9,
-                tflops=cost["flops"] / med / 1e12,
-                pct_floor=100.0 * floor_s / med,
-                rotation_sets=k,
-            )
+            rec.update(_timed(cost, floor_s, med, tm.p20_s, tm.p80_s, reps=tm.reps, rotation_sets=k))
             log(
                 f"  {w.name:16s} {impl.name:14s} {mode:8s} {med * 1e3:9.3f} ms  "
                 f"{rec['pct_floor']:6.2f}% floor  (check+time {time.perf_counter() - t0:.1f}s)"

@@ -7,12 +7,10 @@ import torch
 
 import guidance_kernels as gk
 from guidance_kernels.backends import get_backend
+from tolerance import frob_bound
+from tolerance import rel as _rel
 
 pytestmark = pytest.mark.gpu
-
-
-def _rel(a, b):
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
@@ -40,7 +38,9 @@ def test_graph_replay_matches_eager(backend, form, dtype):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         loss_g, grads_g = step()
-    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    # the same kernels, but split-K atomics may add partial sums in another order
+    k = max(max(n, p + q) for n, p, q in pairs)
+    tol = frob_bound(dtype, k)
     for _ in range(3):
         with torch.no_grad():
             for t in xs + ys:
@@ -50,5 +50,5 @@ def test_graph_replay_matches_eager(backend, form, dtype):
         graph.replay()
         loss_e, grads_e = step()
         torch.cuda.synchronize()
-        assert _rel(loss_g, loss_e) <= 1e-5
+        assert _rel(loss_g, loss_e) <= frob_bound(torch.float32, k)
         assert max(_rel(a, b) for a, b in zip(grads_g, grads_e)) <= tol

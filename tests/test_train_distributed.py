@@ -6,6 +6,12 @@ import sys
 
 import pytest
 import torch
+from tolerance import assert_within
+
+# fp32 sums over the largest layers (64 inputs, 4 x 8 x 8 conv features) and 16² Gram terms, in
+# another order across ranks; gradients carry a few more steps (all-reduce, CKA's 1/||Xc||)
+TOL = dict(dtype=torch.float32, k=64 + 4 * 8 * 8 + 16 * 16)
+GRAD_TOL = dict(TOL, c=16)
 import torch.nn.functional as F
 from torch import nn
 
@@ -37,8 +43,8 @@ def test_per_rank_loss_equals_single_process_on_shard(ranks):
     X, Y = data()
     for r in range(2):
         want, _ = single(X[8 * r:8 * r + 8], Y[8 * r:8 * r + 8])
-        torch.testing.assert_close(ranks[r]["rank"], want, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(ranks[r]["fsdp_rank"], want, rtol=1e-5, atol=1e-6)
+        assert_within(ranks[r]["rank"], want, **TOL)
+        assert_within(ranks[r]["fsdp_rank"], want, **TOL)
     # per-rank losses differ from each other and from the global one: the test can fail
     full, _ = single(X, Y)
     assert abs(ranks[0]["rank"] - ranks[1]["rank"]) > 1e-3
@@ -49,10 +55,10 @@ def test_global_loss_and_grads_equal_single_process_on_whole_batch(ranks):
     X, Y = data()
     want, grads = single(X, Y)
     for r in range(2):
-        torch.testing.assert_close(ranks[r]["global"], want, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(ranks[r]["fsdp_global"], want, rtol=1e-5, atol=1e-6)
+        assert_within(ranks[r]["global"], want, **TOL)
+        assert_within(ranks[r]["fsdp_global"], want, **TOL)
         for a, b in zip(ranks[r]["global_grads"], grads):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+            assert_within(a, b, **GRAD_TOL)
     # per-rank guidance gives different gradients (so the comparison above is not vacuous)
     assert any((a - b).abs().max() > 1e-4 for a, b in zip(ranks[0]["rank_grads"], grads))
 
@@ -65,5 +71,5 @@ def test_trainer_under_ddp_matches_single_process(ranks):
     Trainer(t, (X, Y), cfg, guidance=G, optimizer=torch.optim.SGD(t.parameters(), lr=0.1)).fit()
     for r in range(2):
         for a, b in zip(ranks[r]["trainer_params"], t.parameters()):
-            torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-6)
+            assert_within(a, b.detach(), **GRAD_TOL)
     assert any((a - b.detach()).abs().max() > 1e-3 for a, b in zip(ranks[0]["trainer_params"], make()[0].parameters()))

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from tolerance import assert_within, bound
 from torch import nn
 
 import guidance_kernels as gk
@@ -58,7 +59,8 @@ def test_loss_matches_manual_activations():
         f2 = g.fc2(torch.relu(f1))
     want = 0.5 * gk.guidance_loss([t_acts[0], t_acts[2], t_acts[3], t_acts[5]], [c1, c2, f1, f2],
                                   weights=[1.0, 2.0, 0.5, 1.0])
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # the same activations through the same loss, sums perhaps in another order (<= 256 terms)
+    assert_within(got, want, dtype=torch.float32, k=256)
     G.close()
 
 
@@ -145,7 +147,7 @@ def test_token_flattening():
     terms = G.terms(x)
     want = gk.guidance_loss([t.a(x).reshape(15, 8), t(x).reshape(15, 8)],
                             [g.a(x[..., :6]).reshape(15, 6), g(x[..., :6]).reshape(15, 6)], reduction="none")
-    torch.testing.assert_close(terms, want.detach(), rtol=1e-5, atol=1e-6)
+    assert_within(terms, want.detach(), dtype=torch.float32, k=15 * 15 + 8)
     G.close()
 
 
@@ -157,7 +159,7 @@ def test_kd_untrained_teacher_and_zero_alpha():
     l = kd.loss(x, out)
     assert l.ndim == 0 and l.item() >= 0
     same = kd.loss(x, g(x).detach())
-    assert same.abs().item() < 1e-5  # KD of the teacher against itself is zero
+    assert same.abs().item() <= bound(torch.float32, 10)  # KD of the teacher against itself: 0 (10 classes)
     G = Guidance(t, g, target_layers=nn.Linear, guide_layers=nn.Conv2d, alpha=0.0)
     with G.record():
         t(x)

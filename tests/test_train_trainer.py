@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from tolerance import assert_within, bound
 from torch import nn
 
 from guidance_kernels.train import Guidance, NoiseWarmup, TrainConfig, Trainer
@@ -32,8 +33,8 @@ def test_resume_reproduces_loss_curve(tmp_path, amp):
     h = resumed.fit(resume=True)
     assert resumed.step == 16 and h.step == list(range(16))
     for k in ("loss", "task", "guidance"):
-        torch.testing.assert_close(torch.tensor(getattr(h, k)), torch.tensor(getattr(full, k)),
-                                   rtol=0, atol=1e-6)
+        # the same steps replayed from the checkpoint: equal up to fp32 rounding of O(1) losses
+        assert_within(torch.tensor(getattr(h, k)), torch.tensor(getattr(full, k)), dtype=torch.float32)
     assert [e["acc"] for e in h.eval] == [e["acc"] for e in full.eval]
 
 
@@ -77,4 +78,6 @@ def test_grad_clip_bounds_the_norm(tmp_path):
         tr.train_step(0)
     finally:
         torch.nn.utils.clip_grad_norm_ = orig
-    assert norms and norms[0] <= 1e-3 * (1 + 1e-4)
+    # the norm of the clipped gradient, itself an fp32 sum over every parameter entry
+    n_params = sum(p.numel() for p in tr.model.parameters())
+    assert norms and norms[0] <= 1e-3 * (1 + bound(torch.float32, n_params, c=1))

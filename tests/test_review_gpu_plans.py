@@ -17,7 +17,7 @@ import torch
 triton = pytest.importorskip("triton")
 from guidance_kernels.backends import triton as tb  # noqa: E402
 from guidance_kernels.bench.workloads import WORKLOADS  # noqa: E402
-from guidance_kernels.functional import choose_form  # noqa: E402
+from guidance_kernels.planning import choose_form  # noqa: E402
 from guidance_kernels.kernels import triton_atb as A  # noqa: E402
 from guidance_kernels.kernels import triton_aw as W  # noqa: E402
 

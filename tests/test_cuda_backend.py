@@ -30,6 +30,7 @@ from guidance_kernels import ops
 from guidance_kernels.backends import cuda as cb
 from guidance_kernels.backends import get_backend, resolve_backend
 from guidance_kernels.backends import reference as ref
+from guidance_kernels.planning import acc_dtype
 
 from tolerance import frob_bound, rel
 
@@ -274,9 +275,9 @@ def test_glue_gram_and_backward(fake_ext):
     xs = _mixed_layers()
     got = cb.gram(xs)
     for k, x in zip(got, xs):
-        assert k.dtype == ref.acc_dtype(x.dtype) and rel(k, shifted(x) @ shifted(x).T) <= prod_tol(x.shape[1], x.dtype)
+        assert k.dtype == acc_dtype(x.dtype) and rel(k, shifted(x) @ shifted(x).T) <= prod_tol(x.shape[1], x.dtype)
     assert [c[0] for c in fake_ext.calls] == ["gram"] * 3  # bf16, fp32, fp16 groups; fp64 -> reference
-    ms = [torch.randn(6, 6, dtype=ref.acc_dtype(x.dtype)) for x in xs]
+    ms = [torch.randn(6, 6, dtype=acc_dtype(x.dtype)) for x in xs]
     for d, m, x in zip(cb.gram_backward(ms, xs), ms, xs):
         assert d.dtype == x.dtype and d.shape == x.shape
         assert rel(d, fp64(m) @ shifted(x)) <= prod_tol(x.shape[0], x.dtype)
@@ -290,7 +291,7 @@ def test_glue_cross_and_backward(fake_ext):
         X, Y = shifted(x), shifted(y)
         want = (X.T @ X, Y.T @ Y, X.T @ Y, X.sum(0), Y.sum(0))
         for k in range(5):
-            assert outs[k][i].dtype == ref.acc_dtype(x.dtype) or torch.float64 in (x.dtype, y.dtype)
+            assert outs[k][i].dtype == acc_dtype(x.dtype) or torch.float64 in (x.dtype, y.dtype)
             assert rel(outs[k][i], want[k]) <= prod_tol(x.shape[0], x.dtype if x.dtype.itemsize <= y.dtype.itemsize else y.dtype)
     ms = [torch.randn(x.shape[1], x.shape[1]) for x in xs]
     ns = [torch.randn(y.shape[1], x.shape[1]).T.contiguous().T for x, y in zip(xs, ys)]  # non-contiguous
@@ -446,7 +447,7 @@ def test_gpu_mixed_dtype_lists_and_fp64():
     g = torch.Generator(device="cuda").manual_seed(7)
     xs = [torch.randn(20, 33, device="cuda", generator=g).to(d) for d in (torch.bfloat16, torch.float64, torch.float16, torch.float32)]
     for k, x in zip(cb.gram(xs), xs):
-        assert k.dtype == ref.acc_dtype(x.dtype) and rel(k, shifted(x) @ shifted(x).T) <= prod_tol(33, x.dtype)
+        assert k.dtype == acc_dtype(x.dtype) and rel(k, shifted(x) @ shifted(x).T) <= prod_tol(33, x.dtype)
     ys = xs[::-1]
     outs = cb.cross(xs, ys)
     for i, (x, y) in enumerate(zip(xs, ys)):

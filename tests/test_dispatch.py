@@ -6,14 +6,14 @@ import json
 import pytest
 import torch
 
-from guidance_kernels import backends
+from guidance_kernels import backends, planning
 from guidance_kernels.backends import dispatch
 from guidance_kernels.bench import dispatch as bench_dispatch
 from guidance_kernels.bench.workloads import get_workloads
 
 
 def test_canonical_workloads_fall_into_their_classes():
-    got = {w.name: dispatch.shape_class_of(w.n, w.forms(), "bf16") for w in get_workloads(None)}
+    got = {w.name: planning.shape_class_of(w.n, w.forms(), "bf16") for w in get_workloads(None)}
     assert got == {
         "resnet18_b256": "bf16/sample:n<=256",
         "fcn_guided_b256": "bf16/sample:n<=256",
@@ -25,9 +25,9 @@ def test_canonical_workloads_fall_into_their_classes():
 
 def test_shape_class_of_tensors_uses_the_form_cost_model():
     x, y = torch.randn(4096, 64), torch.randn(4096, 32)
-    assert dispatch.shape_class([x], [y]) == "fp32/feature"
-    assert dispatch.shape_class([x[:100].bfloat16()], [torch.randn(100, 5000)]) == "bf16/sample:n<=128"
-    assert dispatch.shape_class_of(10_000, ["sample"], "fp16") == "fp16/sample:n>4096"
+    assert planning.shape_class([x], [y]) == "fp32/feature"
+    assert planning.shape_class([x[:100].bfloat16()], [torch.randn(100, 5000)]) == "bf16/sample:n<=128"
+    assert planning.shape_class_of(10_000, ["sample"], "fp16") == "fp16/sample:n>4096"
 
 
 def _rec(workload, impl, t, status="ok", mode="fwd+bwd"):

@@ -15,11 +15,10 @@ import pytest
 import torch
 
 triton = pytest.importorskip("triton")
-from guidance_kernels.backends import triton as tb  # noqa: E402
+from guidance_kernels.backends import triton_plan as tp  # noqa: E402
 from guidance_kernels.bench.workloads import WORKLOADS  # noqa: E402
-from guidance_kernels.functional import choose_form  # noqa: E402
-from guidance_kernels.kernels import triton_atb as A  # noqa: E402
-from guidance_kernels.kernels import triton_aw as W  # noqa: E402
+from guidance_kernels.kernels import tables as T  # noqa: E402
+from guidance_kernels.planning import choose_form  # noqa: E402
 
 CUDA = torch.device("cuda", 0)  # only a key: nothing is allocated on it
 
@@ -27,19 +26,19 @@ CUDA = torch.device("cuda", 0)  # only a key: nothing is allocated on it
 @pytest.fixture
 def host_plans(monkeypatch):
     """Plans as host lists (no device tables), 132 SMs (H100 SXM), a private plan cache."""
-    monkeypatch.setattr(tb, "_device_table", lambda rows, device, width, cached=False: [list(r) for r in rows])
-    monkeypatch.setattr(tb, "_sm_count", lambda device: 132)
-    monkeypatch.setattr(tb, "_PLANS", {})
-    monkeypatch.setattr(tb, "_TUNING", tb.Tuning())
+    monkeypatch.setattr(tp, "device_table", lambda rows, device, width, cached=False: [list(r) for r in rows])
+    monkeypatch.setattr(tp, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(tp, "_PLANS", {})
+    monkeypatch.setattr(tp, "_TUNING", tp.Tuning())
 
 
 def gram_row(n, p):
-    # as tb.gram builds it for a contiguous (n, p) activation
+    # as backends.triton.gram builds it for a contiguous (n, p) activation
     return (p, n, n, 1, p, 1, p, n, 1, 1, 0)
 
 
 def cross_rows(n, p, q):
-    # as tb.cross builds it for contiguous (n, p), (n, q)
+    # as backends.triton.cross builds it for contiguous (n, p), (n, q)
     return [
         (n, p, p, p, 1, p, 1, p, 1, 1, 1),
         (n, q, q, q, 1, q, 1, q, 1, 1, 1),
@@ -47,8 +46,8 @@ def cross_rows(n, p, q):
     ]
 
 
-def check_atb_plan(static, wide):
-    plan = tb._atb_plan(tuple(static), wide, CUDA)
+def check_forward_plan(static, wide):
+    plan = tp.forward_plan(tuple(static), wide, CUDA)
     bm = plan.block
     assert bm in (64, 128) and plan.bk in (32, 64)
     assert plan.n_items == len(plan.items) < 2**31
@@ -59,7 +58,7 @@ def check_atb_plan(static, wide):
     assert sorted(items_of) == list(range(len(tiles)))  # every tile has work
     slots = []
     for t, (p, ti, tj, ws) in enumerate(tiles):
-        K, M, N = static[p][A.P_K], static[p][A.P_M], static[p][A.P_N]
+        K, M, N = static[p][T.FP_K], static[p][T.FP_M], static[p][T.FP_N]
         assert 0 <= ti * bm < M and 0 <= tj * bm < N
         rng = sorted(items_of[t])
         # the K ranges of a tile partition [0, K) (one empty range when K == 0)
@@ -71,7 +70,7 @@ def check_atb_plan(static, wide):
             assert k1 == K or k1 % plan.bk == 0  # so k1 % 8 == 0 whenever K % 8 == 0
         if len(rng) > 1:
             assert ws >= 0
-            size = bm * bm + (bm if (static[p][A.P_CS] and ti == tj) else 0)
+            size = bm * bm + (bm if (static[p][T.FP_CS] and ti == tj) else 0)
             slots.append((ws, ws + size))
         else:
             assert ws < 0
@@ -82,37 +81,37 @@ def check_atb_plan(static, wide):
         assert slots[-1][1] <= plan.ws_size
     assert plan.n_fin == len(slots)
     assert sorted(f[0] for f in (plan.fin or [])) == sorted(
-        t for t, r in enumerate(tiles) if r[A.T_WS] >= 0
+        t for t, r in enumerate(tiles) if r[T.FT_WS] >= 0
     )
     # output coverage: each (problem, tile-row, tile-col) written exactly once (mirrors included)
     for p, r in enumerate(static):
-        tm, tn = -(-r[A.P_M] // bm), -(-r[A.P_N] // bm)
+        tm, tn = -(-r[T.FP_M] // bm), -(-r[T.FP_N] // bm)
         seen: dict = {}
         for pp, ti, tj, _ws in tiles:
             if pp != p:
                 continue
             seen[(ti, tj)] = seen.get((ti, tj), 0) + 1
-            if r[A.P_SYM] and ti != tj:
+            if r[T.FP_SYM] and ti != tj:
                 assert ti < tj
                 seen[(tj, ti)] = seen.get((tj, ti), 0) + 1
         assert seen == {(i, j): 1 for i in range(tm) for j in range(tn)}
     return plan
 
 
-def check_aw_plan(static, wide):
-    plan = tb._aw_plan(tuple(static), wide, CUDA)
+def check_backward_plan(static, wide):
+    plan = tp.backward_plan(tuple(static), wide, CUDA)
     assert plan.n_tiles == len(plan.tiles) < 2**31
     assert plan.bm >= 16 and plan.bn >= 16 and plan.bk >= 16
     seen = set()
     for p, tr, tc in plan.tiles:
         r = static[p]
-        assert tr * plan.bm < r[W.P_R] and tc * plan.bn < r[W.P_C]
+        assert tr * plan.bm < r[T.BP_R] and tc * plan.bn < r[T.BP_C]
         seen.add((p, tr, tc))
     want = {
         (p, i, j)
         for p, r in enumerate(static)
-        for i in range(-(-r[W.P_R] // plan.bm))
-        for j in range(-(-r[W.P_C] // plan.bn))
+        for i in range(-(-r[T.BP_R] // plan.bm))
+        for j in range(-(-r[T.BP_C] // plan.bn))
     }
     assert seen == want and len(seen) == len(plan.tiles)
     return plan
@@ -132,11 +131,11 @@ def test_gpu_plans_for_canonical_workloads(host_plans, name, wide):
             crosses += cross_rows(n, p, q)
             cbw.append((n, p, p, q, p, 1, p, 1, q, 1, p, 1, p, 1))
     if grams:
-        check_atb_plan(grams, wide)
-        check_aw_plan(gbw, wide)
+        check_forward_plan(grams, wide)
+        check_backward_plan(gbw, wide)
     if crosses:
-        check_atb_plan(crosses, wide)
-        check_aw_plan(cbw, wide)
+        check_forward_plan(crosses, wide)
+        check_backward_plan(cbw, wide)
 
 
 @pytest.mark.parametrize(
@@ -153,10 +152,10 @@ def test_gpu_plans_for_canonical_workloads(host_plans, name, wide):
 @pytest.mark.parametrize("wide", [False, True], ids=["16bit", "fp32"])
 def test_gpu_plans_awkward(host_plans, dims, wide):
     grams = [gram_row(n, p) for n, p, _q in dims]
-    check_atb_plan(grams, wide)
+    check_forward_plan(grams, wide)
     # the feature form only where its (p, p) outputs are sane (never chosen for conv1)
     crosses = [r for n, p, q in dims if p * q <= 1 << 24 for r in cross_rows(n, p, q)]
     if crosses:
-        check_atb_plan(crosses, wide)
+        check_forward_plan(crosses, wide)
     gbw = [(p, n, n, 0, 1, p, 1, n, 0, 0, 0, 0, 1, p) for n, p, _q in dims]
-    check_aw_plan(gbw, wide)
+    check_backward_plan(gbw, wide)

@@ -29,7 +29,7 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 # tiny launch parameters: several tiles per layer, and split-K (SPLIT) or not (DIRECT)
-SMALL = dict(atb_block=16, atb_bk=16, aw_bm=16, aw_bn=16, aw_bk=16)
+SMALL = dict(fwd_block=16, fwd_bk=16, bwd_bm=16, bwd_bn=16, bwd_bk=16)
 SPLIT = dict(SMALL, min_chunk=16, target_items=1 << 20)
 DIRECT = dict(SMALL, min_chunk=1 << 20, target_items=1)
 
@@ -294,15 +294,22 @@ def test_cka_large_common_offset(case):
 
 
 class _Count:
-    """Counts launches of a Triton kernel (wraps ``kernel[grid]``)."""
+    """Counts launches of a Triton kernel (wraps ``kernel[grid]``) and keeps the compile-time
+    flags of the latest one (``flags``: its keyword arguments)."""
 
     def __init__(self, kernel):
-        self.kernel, self.launches, self.programs = kernel, 0, 0
+        self.kernel, self.launches, self.programs, self.flags = kernel, 0, 0, {}
 
     def __getitem__(self, grid):
         self.launches += 1
         self.programs += grid[0]
-        return self.kernel[grid]
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            self.flags = kwargs
+            return launch(*args, **kwargs)
+
+        return run
 
 
 @pytest.mark.parametrize("aligned", [True, False])
@@ -310,10 +317,12 @@ def test_one_launch_for_many_layers(monkeypatch, aligned):
     """W5-like: 40 pairs of different widths in one forward launch (+ at most one finalize) and
     one backward launch. Layers are classed by layout/alignment (compile-time fast path), so a
     list mixing aligned and odd widths takes one launch per class: two."""
-    from guidance_kernels.kernels import triton_atb, triton_aw
+    from guidance_kernels.kernels import triton_backward, triton_forward
 
     counts = {}
-    for mod, name in [(triton_atb, "atb_kernel"), (triton_atb, "finalize_kernel"), (triton_aw, "aw_kernel")]:
+    kernels = [(triton_forward, "forward_kernel"), (triton_forward, "forward_finalize_kernel"),
+               (triton_backward, "backward_kernel")]
+    for mod, name in kernels:
         counts[name] = _Count(getattr(mod, name))
         monkeypatch.setattr(mod, name, counts[name])
     g = torch.Generator().manual_seed(6)
@@ -323,8 +332,9 @@ def test_one_launch_for_many_layers(monkeypatch, aligned):
     loss = gk.guidance_loss(xs, ys, backend="triton", form="sample")
     loss.backward()
     classes = 1 if aligned else 2
-    assert counts["atb_kernel"].launches == classes and counts["finalize_kernel"].launches <= classes
-    assert counts["aw_kernel"].launches == classes
+    assert counts["forward_kernel"].launches == classes
+    assert counts["forward_finalize_kernel"].launches <= classes
+    assert counts["backward_kernel"].launches == classes
     ref = [x.detach().clone().requires_grad_() for x in xs]
     want = gk.guidance_loss(ref, ys, backend="reference", form="sample")
     want.backward()
@@ -450,10 +460,10 @@ import collections, json, re, sys
 import torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from guidance_kernels.backends import triton as tb
-from guidance_kernels.kernels import triton_atb as A, triton_aw as W
+from guidance_kernels.backends import triton_plan as tp
+from guidance_kernels.kernels import triton_backward as B, triton_forward as F
 
-tb._SM_COUNT[0] = 132
+tp._SM_COUNT[0] = 132
 cuda = torch.device("cuda", 0)
 target = GPUTarget("cuda", 90, 32)
 out = {}
@@ -469,21 +479,21 @@ def build(fn, sig, consts, warps, stages, name):
 
 ptr = lambda names, t: {n: t for n in names}
 for dt, wide in [("bf16", False)]:
-    block, bk, _t, _c, warps, stages = tb._atb_cfg(256, wide, cuda)
+    block, bk, _t, _c, warps, stages = tp.forward_cfg(256, wide, cuda)
     sig = {**ptr(["a_base", "b_base"], "*" + dt), **ptr(["out_base", "cs_base", "ws_ptr"], "*fp32"),
            **ptr(["prob_ptr", "ptr_ptr", "tile_ptr", "item_ptr"], "*i64")}
     for name, la, lb, shift in [("gram", 2, 1, 1), ("cross", 1, 2, 2)]:
         c = dict(BM=block, BN=block, BK=bk, UPCAST=False, PREC="tf32", A_LAYOUT=la, B_LAYOUT=lb, ALIGN=True,
                  SHIFT=shift)
-        build(A.atb_kernel, {**sig, **ptr(c, "constexpr")}, c, warps, stages, f"atb_{name}_{dt}")
-    bm, bn, bk, warps, stages = tb._aw_cfg(256, wide, cuda)
+        build(F.forward_kernel, {**sig, **ptr(c, "constexpr")}, c, warps, stages, f"forward_{name}_{dt}")
+    bm, bn, bk, warps, stages = tp.backward_cfg(256, wide, cuda)
     sig = {**ptr(["a_base", "a2_base", "out_base"], "*" + dt), **ptr(["w_base", "w2_base", "v_base"], "*fp32"),
            **ptr(["prob_ptr", "ptr_ptr", "tile_ptr"], "*i64")}
     for name, a2, lay, shift in [("gram_backward", False, 1, 2), ("cross_backward", True, 2, 1)]:
         c = dict(BM=bm, BN=bn, BK=bk, HAS_A2=a2, HAS_V=a2, SCALE=False, ROUND_W=True, UPCAST=False,
                  PREC="tf32", RNE_FIX=False, A_LAYOUT=lay, W_LAYOUT=lay, O_LAYOUT=lay, ALIGN=True,
                  SHIFT=shift)
-        build(W.aw_kernel, {**sig, **ptr(c, "constexpr")}, c, warps, stages, f"aw_{name}_{dt}")
+        build(B.backward_kernel, {**sig, **ptr(c, "constexpr")}, c, warps, stages, f"backward_{name}_{dt}")
 from guidance_kernels.kernels import triton_stats as S
 build(S.stats_kernel, {"K": "*fp32", "L": "*fp32", "OUT": "*fp64", "NN": "i64", "N1": "i64", "BLOCK": "constexpr"},
       {"BLOCK": 1024}, 4, 1, "stats")
@@ -509,7 +519,9 @@ def test_kernels_compile_for_hopper():
     r = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout.split("RESULT", 1)[1])
-    assert set(res) == {"atb_gram_bf16", "atb_cross_bf16", "aw_gram_backward_bf16", "aw_cross_backward_bf16", "stats"}
+    assert set(res) == {
+        "forward_gram_bf16", "forward_cross_bf16", "backward_gram_backward_bf16", "backward_cross_backward_bf16", "stats"
+    }
     assert res.pop("stats")["shared"] <= 48 * 1024  # the CKA statistics kernel: compiles, small
     for name, m in res.items():
         assert m["wgmma"] > 0 and m["cp_async16"] > 0 and m["scalar16"] == 0, (name, m)
@@ -568,29 +580,36 @@ def test_gpu_w5_launch_count(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_contiguous_aligned_fast_path(dtype):
+def test_contiguous_aligned_fast_path(monkeypatch, dtype):
     """Contiguous layers with sizes that are multiples of 8 take the specialized path
     (compile-time unit strides and alignment hints); results must not change."""
     g = torch.Generator().manual_seed(12)
     xs = [(torch.randn(n, p, generator=g) + 2).to(dtype).to(DEV) for n, p in [(16, 64), (24, 40), (8, 8)]]
     ys = [(torch.randn(x.shape[0], q, generator=g) - 1).to(dtype).to(DEV) for x, q in zip(xs, [32, 16, 24])]
+    from guidance_kernels.kernels import triton_backward, triton_forward
+
+    fwd, fin, bwd = (_Count(triton_forward.forward_kernel), _Count(triton_forward.forward_finalize_kernel),
+                     _Count(triton_backward.backward_kernel))
+    monkeypatch.setattr(triton_forward, "forward_kernel", fwd)
+    monkeypatch.setattr(triton_forward, "forward_finalize_kernel", fin)
+    monkeypatch.setattr(triton_backward, "backward_kernel", bwd)
+    layout = lambda c, *names: {k: c.flags[k] for k in names}  # noqa: E731
     with tb.tuning(**SPLIT):
         grams = tb.gram(xs)
-        flags = dict(tb.LAST_FLAGS["atb"])
-        assert flags.pop("n_fin") > 0
-        assert flags == dict(A_LAYOUT=2, B_LAYOUT=1, ALIGN=True, SHIFT=1)
+        assert fin.launches > 0  # split-K ran
+        assert layout(fwd, "A_LAYOUT", "B_LAYOUT", "ALIGN", "SHIFT") == dict(A_LAYOUT=2, B_LAYOUT=1, ALIGN=True, SHIFT=1)
         a, b, c, sx, sy = tb.cross(xs, ys)
-        flags = dict(tb.LAST_FLAGS["atb"])
-        del flags["n_fin"]
-        assert flags == dict(A_LAYOUT=1, B_LAYOUT=2, ALIGN=True, SHIFT=2)
+        assert layout(fwd, "A_LAYOUT", "B_LAYOUT", "ALIGN", "SHIFT") == dict(A_LAYOUT=1, B_LAYOUT=2, ALIGN=True, SHIFT=2)
         ms = [torch.randn(x.shape[0], x.shape[0], generator=g).to(DEV) for x in xs]
         d = tb.gram_backward(ms, xs)
-        assert tb.LAST_FLAGS["aw"] == dict(A_LAYOUT=1, W_LAYOUT=1, O_LAYOUT=1, ALIGN=True, SHIFT=2)
+        want = dict(A_LAYOUT=1, W_LAYOUT=1, O_LAYOUT=1, ALIGN=True, SHIFT=2)
+        assert layout(bwd, *want) == want
         mm = [torch.randn(x.shape[1], x.shape[1], generator=g).to(DEV) for x in xs]
         nn_ = [torch.randn(y.shape[1], x.shape[1], generator=g).to(DEV) for x, y in zip(xs, ys)]
         vv = [torch.randn(x.shape[1], generator=g).to(DEV) for x in xs]
         e = tb.cross_backward(xs, mm, ys, nn_, vv)
-        assert tb.LAST_FLAGS["aw"] == dict(A_LAYOUT=2, W_LAYOUT=2, O_LAYOUT=2, ALIGN=True, SHIFT=1)
+        want = dict(A_LAYOUT=2, W_LAYOUT=2, O_LAYOUT=2, ALIGN=True, SHIFT=1)
+        assert layout(bwd, *want) == want
     for i, (x, y) in enumerate(zip(xs, ys)):
         X, Y = sh(x), sh(y)
         close(grams[i], X @ X.T, abs_product(X, X.T), dtype, k=X.shape[1])

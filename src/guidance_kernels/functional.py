@@ -11,7 +11,6 @@ sample space.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Literal, Optional, Sequence
 
 import torch
@@ -19,8 +18,16 @@ from torch import Tensor
 
 from guidance_kernels import _checks, metrics, ops
 from guidance_kernels.backends import resolve_backend
-from guidance_kernels.backends.dispatch import shape_class
-from guidance_kernels.backends.reference import acc_dtype
+from guidance_kernels.planning import (
+    acc_dtype,
+    assemble,
+    choose_form,
+    group_by,
+    no_autocast,
+    score_dtype,
+    shape_class,
+    unique,
+)
 
 Metric = Literal["cka", "debiased_cka", "procrustes", "angular_procrustes"]
 METRICS = ("cka", "debiased_cka", "procrustes", "angular_procrustes")
@@ -37,44 +44,14 @@ __all__ = [
 ]
 
 
-def _no_autocast(device: torch.device):
-    if device.type in ("cpu", "cuda"):
-        return torch.autocast(device.type, enabled=False)
-    return contextlib.nullcontext()
-
-
-def _score_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
-def choose_form(n: int, p: int, q: int) -> str:
-    """``"feature"`` when ``n (p + q) > p² + pq + q²`` (GUIDE §2 cost model), else ``"sample"``."""
-    return "feature" if n * (p + q) > p * p + p * q + q * q else "sample"
-
-
-def _unique(tensors: list[Tensor]) -> tuple[list[Tensor], list[int]]:
-    """Distinct tensors (by identity) and, for each input, its index among them."""
-    uniq: list[Tensor] = []
-    index = []
-    for t in tensors:
-        for j, u in enumerate(uniq):
-            if u is t:
-                index.append(j)
-                break
-        else:
-            index.append(len(uniq))
-            uniq.append(t)
-    return uniq, index
-
-
 def _gram_tables(xs: list[Tensor], backend: str):
     """Centered Grams of the distinct tensors of ``xs``: one ``ops.gram`` call per group of
     equal ``n`` and accumulation dtype. Returns ``(tables, where)``: ``tables[key]`` is a
     ``(L_key, n, n)`` stack and ``where[i] = (key, row)`` locates the Gram of ``xs[i]``."""
-    uniq, index = _unique(xs)
+    uniq, index = unique(xs)
     tables: dict = {}
     pos: list = [None] * len(uniq)
-    for key, idx in ops.group_by(uniq, lambda t: (t.shape[0], acc_dtype(t.dtype))).items():
+    for key, idx in group_by(uniq, lambda t: (t.shape[0], acc_dtype(t.dtype))).items():
         tables[key] = ops.gram([uniq[i] for i in idx], backend)
         for row, i in enumerate(idx):
             pos[i] = (key, row)
@@ -101,19 +78,6 @@ def stacked_grams(xs: list[Tensor], backend: str) -> Tensor:
     return _take(tables, where, range(len(xs)))
 
 
-def _assemble(parts: list[tuple[list[int], Tensor]], total: int) -> Tensor:
-    """Per-pair scores from groups ``(positions, scores)`` in pair order; no copy for one group
-    in order (the common case), one ``cat`` for groups in order."""
-    order = [i for idx, _ in parts for i in idx]
-    s = parts[0][1] if len(parts) == 1 else torch.cat([t for _, t in parts])
-    if order == list(range(total)):
-        return s
-    inv = [0] * total
-    for j, i in enumerate(order):
-        inv[i] = j
-    return torch.stack([s[j] for j in inv])
-
-
 def _sample_scores(xs, ys, metric, backend) -> list[tuple[list[int], Tensor]]:
     if metric not in _SIMILARITIES:
         # The nuclear norm comes from eigenvalues of Grams, which square singular values: fp32
@@ -125,7 +89,7 @@ def _sample_scores(xs, ys, metric, backend) -> list[tuple[list[int], Tensor]]:
     # the small math, batched per n and Gram dtypes (an fp32 pair keeps fp32's degenerate rules
     # whatever else is in the call)
     key = lambda i: (xs[i].shape[0], where[i][0][1], where[L + i][0][1])  # noqa: E731
-    for idx in ops.group_by(range(L), key).values():
+    for idx in group_by(range(L), key).values():
         k = _take(tables, where, idx)
         l = _take(tables, where, [L + i for i in idx])
         if k.dtype != l.dtype:
@@ -151,7 +115,7 @@ def _promote_pair(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
 def _feature_scores(xs, ys, backend) -> list[tuple[list[int], Tensor]]:
     parts = []
     key = lambda i: (tuple(xs[i].shape), tuple(ys[i].shape), acc_dtype(xs[i].dtype), acc_dtype(ys[i].dtype))  # noqa: E731
-    for idx in ops.group_by(range(len(xs)), key).values():
+    for idx in group_by(range(len(xs)), key).values():
         a, b, c, _, _ = ops.cross([xs[i] for i in idx], [ys[i] for i in idx], backend)
         parts.append((idx, metrics.cka_from_cross(a, b, c)))
     return parts
@@ -188,16 +152,16 @@ def pair_scores(
             xs, ys = map(list, zip(*(_promote_pair(x, y) for x, y in zip(xs, ys))))
     sample = [i for i, f in enumerate(forms) if f == "sample"]
     feature = [i for i, f in enumerate(forms) if f == "feature"]
-    dtype = _score_dtype(xs + ys)
+    dtype = score_dtype(xs + ys)
     parts: list[tuple[list[int], Tensor]] = []
-    with _no_autocast(xs[0].device):
+    with no_autocast(xs[0].device):
         if sample:
             got = _sample_scores([xs[i] for i in sample], [ys[i] for i in sample], metric, name)
             parts += [([sample[j] for j in idx], s.to(dtype)) for idx, s in got]
         if feature:
             got = _feature_scores([xs[i] for i in feature], [ys[i] for i in feature], name)
             parts += [([feature[j] for j in idx], s.to(dtype)) for idx, s in got]
-        return _assemble(parts, len(xs))
+        return assemble(parts, len(xs))
 
 
 def guidance_loss(
@@ -245,7 +209,7 @@ def procrustes(x: Tensor, y: Tensor, *, angular: bool = False, backend: str = "a
 def centered_gram(x: Tensor, *, backend: str = "auto") -> Tensor:
     """``H X Xᵀ H`` for ``x`` (n, ...) -> (n, n), fp32 (fp64 for fp64 input)."""
     (x2,) = _checks.check_list([x], "x")
-    with _no_autocast(x2.device):
+    with no_autocast(x2.device):
         return ops.gram([x2], resolve_backend(backend, [x2]))[0]
 
 
@@ -266,8 +230,8 @@ def cka_matrix(
         raise ValueError(f"xs have n = {xs2[0].shape[0]} samples but ys have n = {ys2[0].shape[0]}")
     if ys2[0].device != xs2[0].device:
         raise ValueError(f"xs are on {xs2[0].device} but ys are on {ys2[0].device}")
-    dtype = _score_dtype(xs2 + ys2)
-    with _no_autocast(xs2[0].device):
+    dtype = score_dtype(xs2 + ys2)
+    with no_autocast(xs2[0].device):
         grams = stacked_grams(xs2 + ys2, resolve_backend(backend, xs2 + ys2))
         units = metrics.unit_centered_grams(grams.to(dtype), debiased)
         u, v = units[: len(xs2)], units[len(xs2) :]

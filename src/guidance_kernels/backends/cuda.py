@@ -32,9 +32,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from guidance_kernels._grouping import group_by
 from guidance_kernels.backends import Backend, register_backend
 from guidance_kernels.backends import reference as _ref
+from guidance_kernels.planning import group_by
 
 _log = logging.getLogger(__name__)
 

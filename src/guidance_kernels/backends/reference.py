@@ -13,13 +13,9 @@ from torch import Tensor
 
 from guidance_kernels.backends import Backend, register_backend
 from guidance_kernels.metrics import gram_stats
+from guidance_kernels.planning import acc_dtype
 
 _BLOCK_ELEMS = 1 << 22  # largest temporary, in elements (16 MiB of fp32)
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype for activations of ``dtype``: fp64 stays fp64, all else fp32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _blocks(total: int, other: int):

@@ -1,45 +1,41 @@
-"""Triton backend: every layer's products in one grouped launch (see :mod:`..backends`).
+"""Triton backend: the contract adapters (``gram``, ``gram_backward``, ``cross``,
+``cross_backward``, ``gram_stats``; contract in ``docs/design.md``), every layer's products in
+one grouped launch. Work lists, tuning and device tables: :mod:`.triton_plan`; kernels:
+:mod:`guidance_kernels.kernels`.
 
 Launches per call (independent of the number of layers / pairs):
 
-* ``gram`` / ``cross``: one ``atb_kernel`` launch per dtype combination present (normally one),
-  plus, when some problem's K dimension is split across programs, one workspace memset and one
-  ``finalize_kernel`` launch. A work list of ``(tile, k0, k1)`` items is built on the host from
-  shapes only and cached by shape signature.
-* ``gram_backward`` / ``cross_backward``: one ``aw_kernel`` launch per dtype combination.
+* ``gram`` / ``cross``: one ``forward_kernel`` launch per dtype combination and layout class
+  present (normally one), plus, when some problem's K dimension is split across programs, one
+  workspace memset and one ``forward_finalize_kernel`` launch.
+* ``gram_backward`` / ``cross_backward``: one ``backward_kernel`` launch per dtype combination
+  and layout class.
 
-The host never syncs with the device in steady state: the only per-call host->device traffic is
-a small table of data-pointer offsets, copied from pinned memory with ``non_blocking=True``.
-Plans (work lists) are built once per shape signature and copied synchronously then.
-
-Every product is of the row-shifted activation ``x' = x - 1 x[0]`` (the backend contract): the
-kernels subtract the first sample as they load (``SHIFT``, see ``kernels/triton_atb.py``).
-
-fp64 inputs (used for verification only) are delegated to the reference backend.
-Tuning (block sizes, split-K target) is chosen by a small heuristic; tests override it with
-:func:`tuning`.
+Every product is of the row-shifted activation ``x' = x - 1 x[0]``: the kernels subtract the
+first sample as they load (``SHIFT``, see ``kernels/triton_forward.py``). fp64 inputs
+(verification only) are delegated to the reference backend.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import math
-import os
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from guidance_kernels._grouping import group_by
 from guidance_kernels.backends import Backend, register_backend
 from guidance_kernels.backends import reference as _ref
+from guidance_kernels.planning import group_by
 
 try:
     import triton
 
-    from guidance_kernels.kernels import triton_atb as _atb
-    from guidance_kernels.kernels import triton_aw as _aw
+    from guidance_kernels.backends import triton_plan as _plan
+    from guidance_kernels.backends.triton_plan import Tuning, tuning  # noqa: F401 - public
+    from guidance_kernels.kernels import tables as T
+    from guidance_kernels.kernels import triton_backward as _bwd
+    from guidance_kernels.kernels import triton_forward as _fwd
     from guidance_kernels.kernels import triton_stats as _stats
 
     _IMPORT_ERROR: Optional[str] = None
@@ -51,14 +47,10 @@ _LOW = (torch.float16, torch.bfloat16)
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def _kernels_interpreted() -> bool:
     from triton.runtime.interpreter import InterpretedFunction
 
-    return isinstance(_atb.atb_kernel, InterpretedFunction)
+    return isinstance(_fwd.forward_kernel, InterpretedFunction)
 
 
 # whether the kernels were created under TRITON_INTERPRET=1 (fixed when they are defined)
@@ -74,7 +66,7 @@ def available(device: torch.device) -> Optional[str]:
             return "the Triton kernels were created under TRITON_INTERPRET=1 (CPU tensors only)"
         return None
     if device.type == "cpu":
-        if _interpreting() and _INTERPRETED:
+        if _plan.interpreting() and _INTERPRETED:
             return None
         return (
             "Triton kernels run on CUDA; CPU tensors need TRITON_INTERPRET=1 set before "
@@ -83,394 +75,153 @@ def available(device: torch.device) -> Optional[str]:
     return f"the triton backend does not support device type {device.type!r}"
 
 
-# --------------------------------------------------------------------------- tuning
-@dataclasses.dataclass(frozen=True)
-class Tuning:
-    """Launch parameters; ``None`` fields are chosen by the heuristic in :func:`_atb_cfg` /
-    :func:`_aw_cfg`."""
-
-    atb_block: Optional[int] = None  # BM = BN of the forward tiles
-    atb_bk: Optional[int] = None
-    min_chunk: Optional[int] = None  # smallest K range of one split-K program (elements)
-    target_items: Optional[int] = None  # programs to aim for in the forward launch
-    aw_bm: Optional[int] = None
-    aw_bn: Optional[int] = None
-    aw_bk: Optional[int] = None
-    num_warps: Optional[int] = None
-    num_stages: Optional[int] = None
-
-
-_TUNING = Tuning()
-
-
-@contextlib.contextmanager
-def tuning(**kwargs):
-    """Temporarily override launch parameters (tests use it to force several tiles and
-    split-K on tiny shapes)."""
-    global _TUNING
-    old = _TUNING
-    _TUNING = dataclasses.replace(old, **kwargs)
-    try:
-        yield _TUNING
-    finally:
-        _TUNING = old
-
-
-_SM_COUNT: dict = {}
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
-
-
-def _pow2(v: int) -> int:
-    return 1 << max(0, (int(v) - 1).bit_length())
-
-
-def _atb_cfg(max_mn: int, wide: bool, device: torch.device):
-    t = _TUNING
-    if device.type != "cuda":  # interpreter: few, small programs
-        block = t.atb_block or max(16, min(32, _pow2(max_mn)))
-        bk = t.atb_bk or 32
-        return block, bk, t.target_items or 8, t.min_chunk or 128, 4, 1
-    block = t.atb_block or (128 if max_mn >= 128 else 64)
-    bk = t.atb_bk or (32 if wide else 64)
-    warps = t.num_warps or (8 if block >= 128 else 4)
-    stages = t.num_stages or 3
-    return block, bk, t.target_items or 4 * _sm_count(device), t.min_chunk or 1024, warps, stages
-
-
-def _aw_cfg(max_c: int, wide: bool, device: torch.device):
-    t = _TUNING
-    if device.type != "cuda":
-        bn = t.aw_bn or max(16, min(64, _pow2(max_c)))
-        return t.aw_bm or 32, bn, t.aw_bk or 32, 4, 1
-    bn = t.aw_bn or max(16, min(128, _pow2(max_c)))
-    bm = t.aw_bm or 128
-    bk = t.aw_bk or 32  # 128x32 A + 32x128 fp32 W tiles, 3 stages: 64 KiB shared memory
-    return bm, bn, bk, t.num_warps or 8, t.num_stages or 3
-
-
-# --------------------------------------------------------------------------- helpers
-def _offsets(tensors: list[Tensor], base: Tensor) -> list[int]:
-    b, size = base.data_ptr(), base.element_size()
-    out = []
-    for t in tensors:
-        d = t.data_ptr() - b
-        if d % size:  # cannot happen for torch allocations; keep it loud if it ever does
-            raise RuntimeError("triton backend: tensor is not aligned to its element size")
-        out.append(d // size)
-    return out
-
-
-def _device_table(rows: list[list[int]], device: torch.device, width: int, cached: bool = False) -> Tensor:
-    """int64 table on ``device``. Per-call tables go without a device sync: a pageable
-    host->device copy synchronizes, so they go through pinned memory, ``non_blocking`` (the
-    caching host allocator keeps the pinned block until the copy is done). ``cached`` tables
-    (plans, reused across calls and possibly across streams) are copied synchronously, once per
-    shape signature, so that they are on the device before any stream reads them (build plans
-    in a warm-up call before CUDA-graph capture: a synchronous copy cannot be captured)."""
-    t = torch.tensor(rows, dtype=torch.int64).reshape(len(rows), width)
-    if device.type == "cuda" and not cached:
-        pinned = t.pin_memory()
-        if torch.cuda.is_current_stream_capturing():
-            # A CUDA graph replays the copy from this very host buffer: keep it, unchanged,
-            # for the life of the process (one per distinct table; pointers are static in a graph).
-            pinned = _CAPTURED_TABLES.setdefault((tuple(map(tuple, rows)), width), pinned)
-        return pinned.to(device, non_blocking=True)
-    return t.to(device)
-
-
-# host buffers of tables copied during CUDA-graph capture (see _device_table)
-_CAPTURED_TABLES: dict = {}
-
-
-def _flags(da: torch.dtype, db: torch.dtype):
-    """(UPCAST, PREC): bf16 dot is broken under the interpreter and mixed dtypes cannot be
-    dotted, so those go through fp32; fp32 operands use exact fp32 math ("ieee", not tf32)."""
-    upcast = da != db or (_interpreting() and torch.bfloat16 in (da, db))
-    prec = "ieee" if (upcast or da == torch.float32) else "tf32"
-    return upcast, prec
-
-
-def _layout(pairs) -> int:
-    """Compile-time layout of one operand over all problems of a launch, from its
-    ``(stride_dim0, stride_dim1)`` pairs: 1 if every dim-0 stride is 1, 2 if every dim-1 stride
-    is 1, else 0 (see ``triton_util.tile_offsets``)."""
-    pairs = list(pairs)
-    if all(s1 == 1 for _s0, s1 in pairs):
-        return 2
-    if all(s0 == 1 for s0, _s1 in pairs):
-        return 1
-    return 0
-
-
-def _used_strides(pairs, layout: int):
-    for s0, s1 in pairs:
-        if layout != 1:
-            yield s0
-        if layout != 2:
-            yield s1
-
-
-def _aligned(*groups) -> bool:
-    """True when every value of every iterable is a multiple of 8 (elements)."""
-    return all(v % 8 == 0 for g in groups for v in g)
-
-
-# compile-time flags of the latest launch of each kernel (the tests check the fast paths ran)
-LAST_FLAGS: dict = {}
-
-
 def _launch_ctx(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-# --------------------------------------------------------------------------- forward: Aᵀ B
-@dataclasses.dataclass
-class _AtbPlan:
-    prob: Tensor
-    tiles: Tensor
-    items: Tensor
-    fin: Optional[Tensor]
-    ws_size: int
-    n_items: int
-    n_fin: int
-    block: int
-    bk: int
-    warps: int
-    stages: int
+# --------------------------------------------------------------------------- forward launches
+def _fwd_problem(a, b, out, cs, K, M, N, sa_k, sa_m, sb_k, sb_n, sym):
+    """One forward product ``out (M, N) = A'ᵀ B'`` (``A (K x M)``, ``B (K x N)`` indexed in the
+    storage of ``a`` / ``b`` by the strides; ``cs``: an fp32 ``(M,)`` for the column sums of
+    ``A'``, or None): ``(tensors, problem row)``."""
+    row = T.pack(
+        T.FP_WIDTH, (T.FP_K, K), (T.FP_M, M), (T.FP_N, N), (T.FP_SA_K, sa_k), (T.FP_SA_M, sa_m),
+        (T.FP_SB_K, sb_k), (T.FP_SB_N, sb_n), (T.FP_SO_M, out.stride(0)), (T.FP_SO_N, out.stride(1)),
+        (T.FP_SYM, int(sym)), (T.FP_CS, int(cs is not None)),
+    )  # fmt: skip
+    return (a, b, out, cs), row
 
 
-_PLANS: dict = {}
-_PLAN_CACHE_MAX = 256
-
-
-def _cache_put(key, value):
-    if len(_PLANS) >= _PLAN_CACHE_MAX:
-        _PLANS.pop(next(iter(_PLANS)))
-    _PLANS[key] = value
-    return value
-
-
-def _atb_plan(static: tuple, wide: bool, device: torch.device) -> _AtbPlan:
-    """``static``: one row of problem fields (see ``triton_atb``) per problem."""
-    key = ("atb", static, wide, device, _TUNING)
-    plan = _PLANS.get(key)
-    if plan is not None:
-        return plan
-    max_mn = max(max(r[_atb.P_M], r[_atb.P_N]) for r in static)
-    block, bk, target, min_chunk, warps, stages = _atb_cfg(max_mn, wide, device)
-    tiles_of = []
-    for r in static:
-        tm, tn = -(-r[_atb.P_M] // block), -(-r[_atb.P_N] // block)
-        if r[_atb.P_SYM]:
-            tiles_of.append([(i, j) for i in range(tm) for j in range(i, tn)])
-        else:
-            tiles_of.append([(i, j) for i in range(tm) for j in range(tn)])
-    n_tiles = sum(len(t) for t in tiles_of)
-    kblocks = [max(1, -(-r[_atb.P_K] // bk)) for r in static]
-    work = sum(len(t) * kb for t, kb in zip(tiles_of, kblocks))
-    chunk = max(-(-min_chunk // bk), -(-work // max(target, n_tiles, 1)))  # in BK blocks
-    tiles, items, fin, ws = [], [], [], 0
-    for p, (r, tl_, kb) in enumerate(zip(static, tiles_of, kblocks)):
-        splits = -(-kb // chunk)
-        first = len(tiles)
-        for i, j in tl_:
-            if splits == 1:
-                tiles.append([p, i, j, -1])
-            else:
-                fin.append(len(tiles))
-                tiles.append([p, i, j, ws])
-                ws += block * block + (block if (r[_atb.P_CS] and i == j) else 0)
-        K = r[_atb.P_K]
-        for s in range(splits):  # K chunk outer, tile inner: programs sharing data run together
-            k0, k1 = s * chunk * bk, min(K, (s + 1) * chunk * bk)
-            for t in range(first, len(tiles)):
-                items.append([t, k0, k1])
-    plan = _AtbPlan(
-        prob=_device_table([list(r) for r in static], device, _atb._PF, cached=True),
-        tiles=_device_table(tiles, device, _atb._TF, cached=True),
-        items=_device_table(items, device, _atb._IF, cached=True),
-        fin=_device_table([[t] for t in fin], device, 1, cached=True) if fin else None,
-        ws_size=ws,
-        n_items=len(items),
-        n_fin=len(fin),
-        block=block,
-        bk=bk,
-        warps=warps,
-        stages=stages,
-    )
-    return _cache_put(key, plan)
-
-
-def _ptr_aligned(t: Optional[Tensor]) -> bool:
-    return t is None or t.data_ptr() % (8 * t.element_size()) == 0
-
-
-def _run_atb(problems: list[tuple], shift: int):
-    """problems: ``(a, b, K, M, N, sa_k, sa_m, sb_k, sb_n, out, sym, cs)`` where ``a``/``b`` are
-    the tensors whose storage A/B index (all ``a`` of one dtype, all ``b`` of one dtype),
-    ``out`` an fp32 ``(M, N)`` tensor and ``cs`` an fp32 ``(M,)`` tensor or ``None``;
-    ``shift``: the kernel's ``SHIFT`` (1: samples are M/N, the gram view; 2: samples are K).
-
-    Problems are classed by memory layout and alignment (one launch per class: normally one);
-    a class whose unit strides and multiple-of-8 sizes/pointers are known at compile time gets
-    vectorized, asynchronous (cp.async) loads on the GPU, the general class scalar loads."""
+def _run_forward(problems: list, shift: int):
+    """``problems``: :func:`_fwd_problem` results (all ``a`` of one dtype, all ``b`` of one
+    dtype); ``shift``: the kernel's ``SHIFT`` (1: samples are M/N, the gram view; 2: samples are
+    K). Problems are classed by memory layout and alignment (one launch per class: normally
+    one); a class whose unit strides and multiple-of-8 sizes/pointers are known at compile time
+    gets vectorized, asynchronous (cp.async) loads on the GPU, the general class scalar loads."""
     classes: dict = {}
-    for pr in problems:
-        a, b, K, M, N, sak, sam, sbk, sbn = pr[:9]
-        a_lay, b_lay = _layout([(sam, sak)]), _layout([(sbk, sbn)])  # A tile is (M x K)
+    for (a, b, _out, _cs), r in problems:
+        a_pairs = [(r[T.FP_SA_M], r[T.FP_SA_K])]  # the A tile is (M x K)
+        b_pairs = [(r[T.FP_SB_K], r[T.FP_SB_N])]
+        a_lay, b_lay = _plan.layout(a_pairs), _plan.layout(b_pairs)
+        sizes = (r[T.FP_K], r[T.FP_M], r[T.FP_N])
         align = (
-            _aligned((K, M, N), _used_strides([(sam, sak)], a_lay), _used_strides([(sbk, sbn)], b_lay))
-            and _ptr_aligned(a)
-            and _ptr_aligned(b)
+            _plan.aligned(sizes, _plan.used_strides(a_pairs, a_lay), _plan.used_strides(b_pairs, b_lay))
+            and _plan.ptr_aligned(a)
+            and _plan.ptr_aligned(b)
         )
-        classes.setdefault((a_lay, b_lay, align), []).append(pr)
+        classes.setdefault((a_lay, b_lay, align), []).append(((a, b, _out, _cs), r))
     for (a_lay, b_lay, align), group in classes.items():
-        _launch_atb(group, a_lay, b_lay, align, shift)
+        _launch_forward(group, a_lay, b_lay, align, shift)
 
 
-def _launch_atb(problems: list[tuple], a_lay: int, b_lay: int, align: bool, shift: int):
-    a0, b0, out0 = problems[0][0], problems[0][1], problems[0][9]
+def _launch_forward(problems: list, a_lay: int, b_lay: int, align: bool, shift: int):
+    tensors = [t for t, _r in problems]
+    a0, b0, out0, _ = tensors[0]
     device = out0.device
-    static = tuple(
-        (K, M, N, sak, sam, sbk, sbn, out.stride(0), out.stride(1), int(sym), int(cs is not None))
-        for (_a, _b, K, M, N, sak, sam, sbk, sbn, out, sym, cs) in problems
-    )
     wide = a0.dtype == torch.float32 or b0.dtype == torch.float32
-    plan = _atb_plan(static, wide, device)
+    plan = _plan.forward_plan(tuple(r for _t, r in problems), wide, device)
     if plan.n_items == 0:  # every output is (0, 0) or (0,)
         return
-    css = [pr[11] for pr in problems if pr[11] is not None]
+    css = [cs for *_, cs in tensors if cs is not None]
     cs0 = css[0] if css else out0
-    a_off = _offsets([pr[0] for pr in problems], a0)
-    b_off = _offsets([pr[1] for pr in problems], b0)
-    o_off = _offsets([pr[9] for pr in problems], out0)
-    c_off = [(_offsets([pr[11]], cs0)[0] if pr[11] is not None else -1) for pr in problems]
-    ptrs = _device_table([list(r) for r in zip(a_off, b_off, o_off, c_off)], device, _atb._QF)
+    a_off = _plan.offsets([t[0] for t in tensors], a0)
+    b_off = _plan.offsets([t[1] for t in tensors], b0)
+    o_off = _plan.offsets([t[2] for t in tensors], out0)
+    c_off = [(_plan.offsets([cs], cs0)[0] if cs is not None else -1) for *_, cs in tensors]
+    rows = [
+        T.pack(T.FQ_WIDTH, (T.FQ_A, a), (T.FQ_B, b), (T.FQ_OUT, o), (T.FQ_CS, c))
+        for a, b, o, c in zip(a_off, b_off, o_off, c_off)
+    ]
+    ptrs = _plan.device_table(rows, device, T.FQ_WIDTH)
     if plan.ws_size:
         ws = torch.zeros(plan.ws_size, dtype=torch.float32, device=device)
     else:
         ws = out0  # never touched
-    upcast, prec = _flags(a0.dtype, b0.dtype)
-    LAST_FLAGS["atb"] = dict(A_LAYOUT=a_lay, B_LAYOUT=b_lay, ALIGN=align, SHIFT=shift, n_fin=plan.n_fin)
+    upcast, prec = _plan.flags(a0.dtype, b0.dtype)
     with _launch_ctx(device):
-        _atb.atb_kernel[(plan.n_items,)](
+        _fwd.forward_kernel[(plan.n_items,)](
             a0, b0, out0, cs0, ws, plan.prob, ptrs, plan.tiles, plan.items,
             BM=plan.block, BN=plan.block, BK=plan.bk, UPCAST=upcast, PREC=prec,
             A_LAYOUT=a_lay, B_LAYOUT=b_lay, ALIGN=align, SHIFT=shift,
             num_warps=plan.warps, num_stages=plan.stages,
-        )
+        )  # fmt: skip
         if plan.n_fin:
-            _atb.finalize_kernel[(plan.n_fin,)](
+            _fwd.forward_finalize_kernel[(plan.n_fin,)](
                 out0, cs0, ws, plan.prob, ptrs, plan.tiles, plan.fin,
                 BM=plan.block, BN=plan.block, num_warps=8 if plan.block >= 128 else 4,
-            )
+            )  # fmt: skip
 
 
-# --------------------------------------------------------------------------- backward: A W
-@dataclasses.dataclass
-class _AwPlan:
-    prob: Tensor
-    tiles: Tensor
-    n_tiles: int
-    bm: int
-    bn: int
-    bk: int
-    warps: int
-    stages: int
+# --------------------------------------------------------------------------- backward launches
+def _bwd_problem(a, w, a2, w2, v, out, R, C, K, K2, sa_r, sa_k, sw_k, sw_c, sa2_r=0, sa2_k=0, sw2_k=0, sw2_c=0):
+    """One backward product ``out (R x C) = A' W + A2' W2 + v`` (``w``/``w2``/``v`` fp32;
+    ``a2``/``w2``/``v`` may be None): ``(tensors, problem row)``."""
+    row = T.pack(
+        T.BP_WIDTH, (T.BP_R, R), (T.BP_C, C), (T.BP_K, K), (T.BP_K2, K2),
+        (T.BP_SA_R, sa_r), (T.BP_SA_K, sa_k), (T.BP_SW_K, sw_k), (T.BP_SW_C, sw_c),
+        (T.BP_SA2_R, sa2_r), (T.BP_SA2_K, sa2_k), (T.BP_SW2_K, sw2_k), (T.BP_SW2_C, sw2_c),
+        (T.BP_SO_R, out.stride(0)), (T.BP_SO_C, out.stride(1)),
+    )  # fmt: skip
+    return (a, w, a2, w2, v, out), row
 
 
-def _aw_plan(static: tuple, wide: bool, device: torch.device) -> _AwPlan:
-    key = ("aw", static, wide, device, _TUNING)
-    plan = _PLANS.get(key)
-    if plan is not None:
-        return plan
-    max_c = max(r[_aw.P_C] for r in static)
-    bm, bn, bk, warps, stages = _aw_cfg(max_c, wide, device)
-    tiles = []
-    for p, r in enumerate(static):
-        tr, tc = -(-r[_aw.P_R] // bm), -(-r[_aw.P_C] // bn)
-        tiles += [[p, i, j] for i in range(tr) for j in range(tc)]  # column tiles adjacent
-    plan = _AwPlan(
-        prob=_device_table([list(r) for r in static], device, _aw._PF, cached=True),
-        tiles=_device_table(tiles, device, _aw._TF, cached=True),
-        n_tiles=len(tiles),
-        bm=bm,
-        bn=bn,
-        bk=bk,
-        warps=warps,
-        stages=stages,
-    )
-    return _cache_put(key, plan)
-
-
-def _run_aw(problems: list[tuple], has_a2: bool, has_v: bool, shift: int):
-    """problems: ``(a, w, a2, w2, v, out, R, C, K, K2, sa_r, sa_k, sw_k, sw_c, sa2_r, sa2_k,
-    sw2_k, sw2_c, so_r, so_c)``; ``w``/``w2``/``v`` fp32, ``a2``/``w2``/``v`` may be None.
-    Classed by layout and alignment like :func:`_run_atb` (one launch per class). ``shift``: the
-    kernel's ``SHIFT`` (1: samples are the rows R, ``cross_backward``; 2: samples are K)."""
-    P = _aw
+def _run_backward(problems: list, has_a2: bool, has_v: bool, shift: int):
+    """``problems``: :func:`_bwd_problem` results. Classed by layout and alignment like
+    :func:`_run_forward` (one launch per class). ``shift``: the kernel's ``SHIFT`` (1: samples
+    are the rows R, ``cross_backward``; 2: samples are K, ``gram_backward``)."""
     classes: dict = {}
-    for pr in problems:
-        r = tuple(int(v) for v in pr[6:])
-        a_pairs, w_pairs = [(r[P.P_SAR], r[P.P_SAK])], [(r[P.P_SWK], r[P.P_SWC])]
+    for tensors, r in problems:
+        a_pairs, w_pairs = [(r[T.BP_SA_R], r[T.BP_SA_K])], [(r[T.BP_SW_K], r[T.BP_SW_C])]
         if has_a2:
-            a_pairs.append((r[P.P_SA2R], r[P.P_SA2K]))
-            w_pairs.append((r[P.P_SW2K], r[P.P_SW2C]))
-        o_pairs = [(r[P.P_SOR], r[P.P_SOC])]
-        lay = (_layout(a_pairs), _layout(w_pairs), _layout(o_pairs))
-        align = _aligned(
-            r[: P.P_SAR],
-            _used_strides(a_pairs, lay[0]),
-            _used_strides(w_pairs, lay[1]),
-            _used_strides(o_pairs, lay[2]),
-        ) and all(_ptr_aligned(t) for t in pr[:6])
-        classes.setdefault((*lay, align), []).append(pr)
+            a_pairs.append((r[T.BP_SA2_R], r[T.BP_SA2_K]))
+            w_pairs.append((r[T.BP_SW2_K], r[T.BP_SW2_C]))
+        o_pairs = [(r[T.BP_SO_R], r[T.BP_SO_C])]
+        lay = (_plan.layout(a_pairs), _plan.layout(w_pairs), _plan.layout(o_pairs))
+        align = _plan.aligned(
+            (r[T.BP_R], r[T.BP_C], r[T.BP_K], r[T.BP_K2]),
+            _plan.used_strides(a_pairs, lay[0]),
+            _plan.used_strides(w_pairs, lay[1]),
+            _plan.used_strides(o_pairs, lay[2]),
+        ) and all(_plan.ptr_aligned(t) for t in tensors)
+        classes.setdefault((*lay, align), []).append((tensors, r))
     for (a_lay, w_lay, o_lay, align), group in classes.items():
-        _launch_aw(group, has_a2, has_v, a_lay, w_lay, o_lay, align, shift)
+        _launch_backward(group, has_a2, has_v, a_lay, w_lay, o_lay, align, shift)
 
 
-def _launch_aw(problems, has_a2, has_v, a_lay, w_lay, o_lay, align, shift):
-    a0, w0, out0 = problems[0][0], problems[0][1], problems[0][5]
-    a20 = problems[0][2] if has_a2 else a0
-    w20 = problems[0][3] if has_a2 else w0
-    v0 = problems[0][4] if has_v else w0
+def _launch_backward(problems, has_a2, has_v, a_lay, w_lay, o_lay, align, shift):
+    tensors = [t for t, _r in problems]
+    a0, w0, a20, w20, v0, out0 = tensors[0]
+    a20, w20 = (a20, w20) if has_a2 else (a0, w0)
+    v0 = v0 if has_v else w0
     device = out0.device
-    static = tuple(tuple(int(v) for v in pr[6:]) for pr in problems)
     wide = a0.dtype == torch.float32 or a20.dtype == torch.float32
-    plan = _aw_plan(static, wide, device)
+    plan = _plan.backward_plan(tuple(r for _t, r in problems), wide, device)
     if plan.n_tiles == 0:
         return
-    cols = [
-        _offsets([pr[0] for pr in problems], a0),
-        _offsets([pr[1] for pr in problems], w0),
-        _offsets([pr[2] for pr in problems], a20) if has_a2 else [0] * len(problems),
-        _offsets([pr[3] for pr in problems], w20) if has_a2 else [0] * len(problems),
-        _offsets([pr[4] for pr in problems], v0) if has_v else [0] * len(problems),
-        _offsets([pr[5] for pr in problems], out0),
+    none = [0] * len(tensors)
+    col = lambda i, base: _plan.offsets([t[i] for t in tensors], base)  # noqa: E731
+    cols = zip(
+        col(0, a0), col(1, w0), col(2, a20) if has_a2 else none, col(3, w20) if has_a2 else none,
+        col(4, v0) if has_v else none, col(5, out0),
+    )  # fmt: skip
+    rows = [
+        T.pack(T.BQ_WIDTH, (T.BQ_A, a), (T.BQ_W, w), (T.BQ_A2, a2), (T.BQ_W2, w2), (T.BQ_V, v), (T.BQ_OUT, o))
+        for a, w, a2, w2, v, o in cols
     ]
-    ptrs = _device_table([list(r) for r in zip(*cols)], device, _aw._QF)
-    upcast, prec = _flags(a0.dtype, a20.dtype)
-    upcast = upcast or (_interpreting() and a0.dtype == torch.bfloat16)
+    ptrs = _plan.device_table(rows, device, T.BQ_WIDTH)
+    upcast, prec = _plan.flags(a0.dtype, a20.dtype)
+    upcast = upcast or (_plan.interpreting() and a0.dtype == torch.bfloat16)
     # W is rounded to the activation dtype for the tensor-core dot only when A and A2 share it
     round_w = a0.dtype == a20.dtype and a0.dtype in _LOW
-    LAST_FLAGS["aw"] = dict(A_LAYOUT=a_lay, W_LAYOUT=w_lay, O_LAYOUT=o_lay, ALIGN=align, SHIFT=shift)
     with _launch_ctx(device):
-        _aw.aw_kernel[(plan.n_tiles,)](
+        _bwd.backward_kernel[(plan.n_tiles,)](
             a0, w0, a20, w20, v0, out0, plan.prob, ptrs, plan.tiles,
             BM=plan.bm, BN=plan.bn, BK=plan.bk, HAS_A2=has_a2, HAS_V=has_v,
             A_LAYOUT=a_lay, W_LAYOUT=w_lay, O_LAYOUT=o_lay, ALIGN=align, SHIFT=shift,
             SCALE=round_w and a0.dtype == torch.float16, ROUND_W=round_w, UPCAST=upcast, PREC=prec,
-            RNE_FIX=_interpreting(),
+            RNE_FIX=_plan.interpreting(),
             num_warps=plan.warps, num_stages=plan.stages,
-        )
+        )  # fmt: skip
 
 
 # --------------------------------------------------------------------------- the contract
@@ -497,9 +248,8 @@ def gram(xs: list[Tensor]) -> list[Tensor]:
             o = torch.empty((n, n), dtype=torch.float32, device=x.device)
             out[i] = o
             # x' x'ᵀ = Aᵀ B with A = B = xᵀ (K = p, M = N = n; shifted along M/N)
-            problems.append((x, x, p, n, n, x.stride(1), x.stride(0), x.stride(1), x.stride(0),
-                             o, True, None))
-        _run_atb(problems, shift=1)
+            problems.append(_fwd_problem(x, x, o, None, p, n, n, x.stride(1), x.stride(0), x.stride(1), x.stride(0), True))
+        _run_forward(problems, shift=1)
     return out
 
 
@@ -519,10 +269,9 @@ def gram_backward(ms: list[Tensor], xs: list[Tensor]) -> list[Tensor]:
             dx = torch.empty((n, p), dtype=x.dtype, device=x.device)
             out[i] = dx
             # (m x')ᵀ = x'ᵀ mᵀ: A = xᵀ (p x n, shifted along K = n), W = mᵀ, out = dxᵀ
-            problems.append((x, m, None, None, None, dx, p, n, n, 0,
-                             x.stride(1), x.stride(0), m.stride(1), m.stride(0), 0, 0, 0, 0,
-                             dx.stride(1), dx.stride(0)))
-        _run_aw(problems, has_a2=False, has_v=False, shift=2)
+            problems.append(_bwd_problem(x, m, None, None, None, dx.T, p, n, n, 0,
+                                         x.stride(1), x.stride(0), m.stride(1), m.stride(0)))
+        _run_backward(problems, has_a2=False, has_v=False, shift=2)
     return out
 
 
@@ -553,13 +302,13 @@ def cross(xs: list[Tensor], ys: list[Tensor]):
             lst[i] = v
         # A'ᵀ B' with A, B in {x, y}, K = n rows (shifted along K)
         by_dtype.setdefault((x.dtype, x.dtype), []).append(
-            (x, x, n, p, p, x.stride(0), x.stride(1), x.stride(0), x.stride(1), a, True, sx))
+            _fwd_problem(x, x, a, sx, n, p, p, x.stride(0), x.stride(1), x.stride(0), x.stride(1), True))
         by_dtype.setdefault((y.dtype, y.dtype), []).append(
-            (y, y, n, q, q, y.stride(0), y.stride(1), y.stride(0), y.stride(1), b, True, sy))
+            _fwd_problem(y, y, b, sy, n, q, q, y.stride(0), y.stride(1), y.stride(0), y.stride(1), True))
         by_dtype.setdefault((x.dtype, y.dtype), []).append(
-            (x, y, n, p, q, x.stride(0), x.stride(1), y.stride(0), y.stride(1), c, False, None))
+            _fwd_problem(x, y, c, None, n, p, q, x.stride(0), x.stride(1), y.stride(0), y.stride(1), False))
     for problems in by_dtype.values():
-        _run_atb(problems, shift=2)
+        _run_forward(problems, shift=2)
     if ref_idx:
         got = _ref.cross([xs[i] for i in ref_idx], [ys[i] for i in ref_idx])
         for lst, vals in zip(res, got):
@@ -587,11 +336,10 @@ def cross_backward(xs, ms, ys, ns, vs) -> list[Tensor]:
             q = y.shape[1]
             dx = torch.empty((n, p), dtype=x.dtype, device=x.device)
             out[i] = dx
-            problems.append((x, m, y, nn_, v, dx, n, p, p, q,
-                             x.stride(0), x.stride(1), m.stride(0), m.stride(1),
-                             y.stride(0), y.stride(1), nn_.stride(0), nn_.stride(1),
-                             dx.stride(0), dx.stride(1)))
-        _run_aw(problems, has_a2=True, has_v=True, shift=1)
+            problems.append(_bwd_problem(x, m, y, nn_, v, dx, n, p, p, q,
+                                         x.stride(0), x.stride(1), m.stride(0), m.stride(1),
+                                         y.stride(0), y.stride(1), nn_.stride(0), nn_.stride(1)))
+        _run_backward(problems, has_a2=True, has_v=True, shift=1)
     return out
 
 
@@ -605,7 +353,7 @@ def gram_stats(k: Tensor, l: Tensor) -> Tensor:
     nn_ = n * n
     block = 1024 if k.device.type == "cuda" else 256
     nb = max(1, min(-(-nn_ // block), 64 if k.device.type == "cuda" else 4))
-    part = torch.empty((P, nb, 5), dtype=torch.float64, device=k.device)
+    part = torch.empty((P, nb, int(T.S_WIDTH)), dtype=torch.float64, device=k.device)
     if P and nn_:
         with _launch_ctx(k.device):
             _stats.stats_kernel[(P, nb)](k, l, part, nn_, n + 1, BLOCK=block, num_warps=4)

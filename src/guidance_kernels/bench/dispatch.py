@@ -16,7 +16,8 @@ import json
 import pathlib
 from typing import Optional
 
-from guidance_kernels.backends.dispatch import TABLE, load_table, shape_class_of
+from guidance_kernels.backends.dispatch import TABLE, load_table
+from guidance_kernels.planning import shape_class_of
 from guidance_kernels.bench.workloads import get_workloads
 
 CANDIDATES = {"gk:triton": "triton", "gk:cuda": "cuda"}

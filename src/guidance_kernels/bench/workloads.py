@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from guidance_kernels.functional import choose_form
+from guidance_kernels.planning import choose_form
 
 Shape = tuple[int, ...]
 

@@ -1,15 +1,17 @@
-"""CKA statistics of stacked centered Grams, one launch for every pair (reference:
-``backends/reference.py: gram_stats``).
+"""``gram_stats``: CKA statistics of stacked centered Grams, one launch for every pair
+(reference: ``metrics.gram_stats``; math: ``docs/design.md``).
 
 ``stats_kernel``: ``K``, ``L``: ``(P, n, n)`` contiguous fp32 (or fp64); grid ``(P, NB)``.
 Program ``(p, b)`` reads the flattened chunks ``b, b + NB, ...`` (``BLOCK`` elements each) of
 pair ``p`` and writes its partial sums, accumulated in fp64 (no overflow for any fp32 input),
-to ``OUT[p, b, :] = (Σ K∘L, Σ K∘K, Σ L∘L, tr K, tr L)``. The host sums over ``b`` (a
+to ``OUT[p, b, :]`` (``S_*`` of :mod:`.tables`) ``= (Σ K∘L, Σ K∘K, Σ L∘L, tr K, tr L)``. The host sums over ``b`` (a
 deterministic order).
 """
 
 import triton
 import triton.language as tl
+
+from guidance_kernels.kernels import tables as T
 
 
 @triton.jit
@@ -34,9 +36,9 @@ def stats_kernel(K, L, OUT, NN, N1, BLOCK: tl.constexpr):
         diag = (offs % N1) == 0  # flat index i * (n + 1): a diagonal element
         tk += tl.where(diag, k, 0.0)
         tl_ += tl.where(diag, l, 0.0)
-    o = OUT + (p * nb + b) * 5
-    tl.store(o + 0, tl.sum(kl, 0))
-    tl.store(o + 1, tl.sum(kk, 0))
-    tl.store(o + 2, tl.sum(ll, 0))
-    tl.store(o + 3, tl.sum(tk, 0))
-    tl.store(o + 4, tl.sum(tl_, 0))
+    o = OUT + (p * nb + b) * T.S_WIDTH
+    tl.store(o + T.S_KL, tl.sum(kl, 0))
+    tl.store(o + T.S_KK, tl.sum(kk, 0))
+    tl.store(o + T.S_LL, tl.sum(ll, 0))
+    tl.store(o + T.S_TK, tl.sum(tk, 0))
+    tl.store(o + T.S_TL, tl.sum(tl_, 0))

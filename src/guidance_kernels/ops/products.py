@@ -4,7 +4,8 @@ Each op takes a whole *group* of layers that share their shapes' sample count (a
 ``cross``, their feature sizes) and returns the group's results *stacked*, so that every step
 after the backend's grouped launch (centering here, the CKA math in :mod:`..metrics`, and the
 same in the backward) is a fixed number of batched ops per group, not a number per layer.
-Callers group their layers with :func:`group_by` (``functional`` does this). ``backend`` is a
+Callers group their layers with :func:`guidance_kernels.planning.group_by` (``functional``
+does this). ``backend`` is a
 name resolved beforehand by :func:`guidance_kernels.backends.resolve_backend`.
 
 Backends compute products of the row-shifted activation ``x' = x - 1 x[0]`` (accurate when
@@ -27,25 +28,20 @@ activation-sized one).
 
 from __future__ import annotations
 
-import contextlib
 from typing import Sequence
 
 import torch
 from torch import Tensor
 
-from guidance_kernels._grouping import group_by
 from guidance_kernels.backends import get_backend
-from guidance_kernels.backends.reference import acc_dtype
 from guidance_kernels.metrics import center_gram
+from guidance_kernels.planning import acc_dtype, no_autocast
 
-__all__ = ["gram", "gram_backward", "cross", "cross_backward", "group_by"]
+__all__ = ["gram", "gram_backward", "cross", "cross_backward"]
 
 
 def _no_autocast(tensors):
-    device_type = tensors[0].device.type if tensors else "cpu"
-    if device_type not in ("cpu", "cuda"):
-        return contextlib.nullcontext()
-    return torch.autocast(device_type, enabled=False)
+    return no_autocast(tensors[0].device if tensors else "cpu")
 
 
 def _pick(items, mask):

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from guidance_kernels import metrics
 from guidance_kernels.backends import get_backend
-from guidance_kernels.backends import reference as _ref
 
 __all__ = ["gram_stats"]
 
@@ -32,7 +32,7 @@ def _check(k: Tensor, l: Tensor) -> None:
 def gram_stats(k: Tensor, l: Tensor, backend: str) -> Tensor:
     """k, l: (P, n, n) centered Grams (one dtype) -> (P, 5) fp64 statistics (module doc)."""
     _check(k, l)
-    fn = get_backend(backend).gram_stats or _ref.gram_stats
+    fn = get_backend(backend).gram_stats or metrics.gram_stats
     return fn(k, l)
 
 

@@ -1,4 +1,7 @@
-"""Grouped ``out = A W + A2 W2 + v`` for many problems in one launch (the backward products).
+"""Backward of ``gram`` and ``cross`` (the ``gram_backward`` / ``cross_backward`` ops): grouped
+``out = A' W + A2' W2 + v`` for many products in one launch (:func:`backward_kernel`).
+Reference: ``backends/reference.py`` (``gram_backward``, ``cross_backward``); math:
+``docs/design.md``.
 
 ``A (R x K)`` and ``A2 (R x K2)`` are activations (read in their own dtype, any strides),
 ``W (K x C)`` and ``W2 (K2 x C)`` small fp32 matrices, ``v (C,)`` an fp32 row added to every
@@ -8,8 +11,9 @@ row, ``out (R x C)`` an activation-sized output written once, in the activation 
   ``W = mᵀ``, ``out = dxᵀ`` (all by strides, nothing is copied).
 * ``cross_backward``: ``x m + y n + v``: ``A = x``, ``W = m``, ``A2 = y``, ``W2 = n``.
 
-The host builds a problem table (int64, ``_PF`` fields a row), a per-call pointer table
-(element offsets from one base tensor per operand) and a tile table ``(problem, tr, tc)``;
+The host builds a problem table (``BP_*`` fields, :mod:`.tables`), a per-call pointer table
+(``BQ_*``: element offsets from one base tensor per operand) and a tile table (``BT_*``:
+``(problem, tr, tc)``);
 one program per ``BM x BN`` output tile; every program runs the full K loop (no split: the
 output is activation-sized, so there are always enough tiles).
 
@@ -31,13 +35,8 @@ re-zeroed); ``0``: no shift.
 import triton
 import triton.language as tl
 
+from guidance_kernels.kernels import tables as T
 from guidance_kernels.kernels.triton_util import tile_offsets, vec_offsets
-
-P_R, P_C, P_K, P_K2, P_SAR, P_SAK, P_SWK, P_SWC, P_SA2R, P_SA2K, P_SW2K, P_SW2C, P_SOR, P_SOC = range(14)
-_PF = 14
-Q_A, Q_W, Q_A2, Q_W2, Q_V, Q_OUT = range(6)
-_QF = 6
-_TF = 3
 
 
 @triton.jit
@@ -103,7 +102,7 @@ def _term(acc, a_ptr, w_ptr, K, sa_r, sa_k, sw_k, sw_c, rr, rc, r_ok, c_ok, inv,
 
 
 @triton.jit
-def aw_kernel(
+def backward_kernel(
     a_base, w_base, a2_base, w2_base, v_base, out_base,
     prob_ptr, ptr_ptr, tile_ptr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
@@ -118,20 +117,20 @@ def aw_kernel(
     used stride and pointer offset is a multiple of 8 elements. ``SHIFT``: the row shift of A and
     A2 (module docstring)."""
     pid = tl.program_id(0).to(tl.int64)
-    prob = tl.load(tile_ptr + pid * 3 + 0)
-    tr = tl.load(tile_ptr + pid * 3 + 1)
-    tc = tl.load(tile_ptr + pid * 3 + 2)
-    pp = prob_ptr + prob * 14
-    qp = ptr_ptr + prob * 6
-    R = tl.load(pp + 0)
-    C = tl.load(pp + 1)
-    K = tl.load(pp + 2)
-    sa_r = tl.load(pp + 4)
-    sa_k = tl.load(pp + 5)
-    sw_k = tl.load(pp + 6)
-    sw_c = tl.load(pp + 7)
-    a_off = tl.load(qp + 0)
-    w_off = tl.load(qp + 1)
+    prob = tl.load(tile_ptr + pid * T.BT_WIDTH + T.BT_PROB)
+    tr = tl.load(tile_ptr + pid * T.BT_WIDTH + T.BT_R)
+    tc = tl.load(tile_ptr + pid * T.BT_WIDTH + T.BT_C)
+    pp = prob_ptr + prob * T.BP_WIDTH
+    qp = ptr_ptr + prob * T.BQ_WIDTH
+    R = tl.load(pp + T.BP_R)
+    C = tl.load(pp + T.BP_C)
+    K = tl.load(pp + T.BP_K)
+    sa_r = tl.load(pp + T.BP_SA_R)
+    sa_k = tl.load(pp + T.BP_SA_K)
+    sw_k = tl.load(pp + T.BP_SW_K)
+    sw_c = tl.load(pp + T.BP_SW_C)
+    a_off = tl.load(qp + T.BQ_A)
+    w_off = tl.load(qp + T.BQ_W)
     if ALIGN:  # hints written here, not in a helper: the inliner drops callee arg attributes
         R = tl.multiple_of(R, 8)
         C = tl.multiple_of(C, 8)
@@ -152,13 +151,13 @@ def aw_kernel(
     dt = a_base.dtype.element_ty
 
     if HAS_A2:
-        K2 = tl.load(pp + 3)
-        sa2_r = tl.load(pp + 8)
-        sa2_k = tl.load(pp + 9)
-        sw2_k = tl.load(pp + 10)
-        sw2_c = tl.load(pp + 11)
-        a2_off = tl.load(qp + 2)
-        w2_off = tl.load(qp + 3)
+        K2 = tl.load(pp + T.BP_K2)
+        sa2_r = tl.load(pp + T.BP_SA2_R)
+        sa2_k = tl.load(pp + T.BP_SA2_K)
+        sw2_k = tl.load(pp + T.BP_SW2_K)
+        sw2_c = tl.load(pp + T.BP_SW2_C)
+        a2_off = tl.load(qp + T.BQ_A2)
+        w2_off = tl.load(qp + T.BQ_W2)
         if ALIGN:
             K2 = tl.multiple_of(K2, 8)
             sa2_r = tl.multiple_of(sa2_r, 8)
@@ -189,14 +188,14 @@ def aw_kernel(
     if SCALE:
         acc = acc * scale[None, :]
     if HAS_V:
-        v_off = tl.load(qp + 4)
+        v_off = tl.load(qp + T.BQ_V)
         if ALIGN:
             v_off = tl.multiple_of(v_off, 8)
         v = tl.load(v_base + v_off + rc, mask=c_ok, other=0.0)
         acc += v[None, :]
-    so_r = tl.load(pp + 12)
-    so_c = tl.load(pp + 13)
-    o_off = tl.load(qp + 5)
+    so_r = tl.load(pp + T.BP_SO_R)
+    so_c = tl.load(pp + T.BP_SO_C)
+    o_off = tl.load(qp + T.BQ_OUT)
     if ALIGN:
         so_r = tl.multiple_of(so_r, 8)
         so_c = tl.multiple_of(so_c, 8)

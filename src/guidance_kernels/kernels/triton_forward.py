@@ -1,19 +1,21 @@
-"""Grouped split-K ``out = Aᵀ B`` for many problems in one launch (the forward products).
+"""Forward of ``gram`` and ``cross``: grouped split-K ``out = A'ᵀ B'`` for many products in one
+launch (:func:`forward_kernel`) and its split-K finalize pass (:func:`forward_finalize_kernel`).
+Reference: ``backends/reference.py`` (``gram``, ``cross``); math: ``docs/design.md``.
 
 One launch covers every layer (and every pair) of a call. The host builds, from shapes only,
 
-* a *problem* table (int64, ``_PF`` fields a row): sizes ``K, M, N``, the element strides of
+* a *problem* table (``FP_*`` fields, :mod:`.tables`): sizes ``K, M, N``, the element strides of
   ``A (K x M)``, ``B (K x N)`` and of the ``(M, N)`` output, a symmetric flag and a column-sum
   flag;
-* a *tile* table (int64, ``_TF`` fields a row): ``(problem, ti, tj, ws_off)``: one ``BM x BN``
+* a *tile* table (``FT_*``): ``(problem, ti, tj, ws_off)``: one ``BM x BN``
   output tile; symmetric problems (``A is B``) get only the tiles with ``ti <= tj``;
   ``ws_off < 0`` marks a tile whose K range is not split (the kernel stores it straight into the
   output), otherwise its fp32 partial sums are atomically added into a zeroed workspace at
-  ``ws_off`` and :func:`finalize_kernel` writes it out;
-* an *item* table (int64, ``_IF`` fields a row): ``(tile, k0, k1)``: one program each.
+  ``ws_off`` and :func:`forward_finalize_kernel` writes it out;
+* an *item* table (``FI_*``): ``(tile, k0, k1)``: one program each.
 
 Per call only the data pointers change: they are passed as element offsets from one base
-tensor per operand (``a_base + a_off``), in a small int64 ``(P, 4)`` table
+tensor per operand (``a_base + a_off``), in a small pointer table (``FQ_*``)
 ``(a_off, b_off, out_off, cs_off)``.
 
 The gram ``x xᵀ`` is ``Aᵀ B`` with ``A = B = xᵀ`` (strides swapped, no copy).
@@ -40,20 +42,8 @@ The column sums are those of ``A'``.
 import triton
 import triton.language as tl
 
+from guidance_kernels.kernels import tables as T
 from guidance_kernels.kernels.triton_util import tile_offsets, vec_offsets
-
-# problem table fields
-P_K, P_M, P_N, P_SAK, P_SAM, P_SBK, P_SBN, P_SOM, P_SON, P_SYM, P_CS = range(11)
-_PF = 11
-# per-call pointer table fields
-Q_A, Q_B, Q_OUT, Q_CS = range(4)
-_QF = 4
-# tile table fields
-T_PROB, T_I, T_J, T_WS = range(4)
-_TF = 4
-# item table fields
-I_TILE, I_K0, I_K1 = range(3)
-_IF = 3
 
 
 @triton.jit
@@ -75,7 +65,7 @@ def _store_tile(acc, cs, out_ptr, cs_ptr, rm, rn, M, N, so_m, so_n, sym, diag, h
 
 
 @triton.jit
-def atb_kernel(
+def forward_kernel(
     a_base, b_base, out_base, cs_base, ws_ptr,
     prob_ptr, ptr_ptr, tile_ptr, item_ptr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
@@ -87,25 +77,25 @@ def atb_kernel(
     K boundary and pointer offset is a multiple of 8 elements (vectorizable, unmasked-friendly);
     ``SHIFT``: the row shift (module docstring)."""
     pid = tl.program_id(0).to(tl.int64)
-    tile = tl.load(item_ptr + pid * 3 + 0)
-    k0 = tl.load(item_ptr + pid * 3 + 1)
-    k1 = tl.load(item_ptr + pid * 3 + 2)
-    prob = tl.load(tile_ptr + tile * 4 + 0)
-    ti = tl.load(tile_ptr + tile * 4 + 1)
-    tj = tl.load(tile_ptr + tile * 4 + 2)
-    ws_off = tl.load(tile_ptr + tile * 4 + 3)
-    pp = prob_ptr + prob * 11
-    M = tl.load(pp + 1)
-    N = tl.load(pp + 2)
-    sa_k = tl.load(pp + 3)
-    sa_m = tl.load(pp + 4)
-    sb_k = tl.load(pp + 5)
-    sb_n = tl.load(pp + 6)
-    sym = tl.load(pp + 9)
-    has_cs = tl.load(pp + 10)
-    qp = ptr_ptr + prob * 4
-    a_off = tl.load(qp + 0)
-    b_off = tl.load(qp + 1)
+    tile = tl.load(item_ptr + pid * T.FI_WIDTH + T.FI_TILE)
+    k0 = tl.load(item_ptr + pid * T.FI_WIDTH + T.FI_K0)
+    k1 = tl.load(item_ptr + pid * T.FI_WIDTH + T.FI_K1)
+    prob = tl.load(tile_ptr + tile * T.FT_WIDTH + T.FT_PROB)
+    ti = tl.load(tile_ptr + tile * T.FT_WIDTH + T.FT_I)
+    tj = tl.load(tile_ptr + tile * T.FT_WIDTH + T.FT_J)
+    ws_off = tl.load(tile_ptr + tile * T.FT_WIDTH + T.FT_WS)
+    pp = prob_ptr + prob * T.FP_WIDTH
+    M = tl.load(pp + T.FP_M)
+    N = tl.load(pp + T.FP_N)
+    sa_k = tl.load(pp + T.FP_SA_K)
+    sa_m = tl.load(pp + T.FP_SA_M)
+    sb_k = tl.load(pp + T.FP_SB_K)
+    sb_n = tl.load(pp + T.FP_SB_N)
+    sym = tl.load(pp + T.FP_SYM)
+    has_cs = tl.load(pp + T.FP_CS)
+    qp = ptr_ptr + prob * T.FQ_WIDTH
+    a_off = tl.load(qp + T.FQ_A)
+    b_off = tl.load(qp + T.FQ_B)
 
     rm = ti * BM + tl.arange(0, BM)
     rn = tj * BN + tl.arange(0, BN)
@@ -183,10 +173,10 @@ def atb_kernel(
                 sb_ptrs += BK * sb_k
 
     if ws_off < 0:
-        so_m = tl.load(pp + 7)
-        so_n = tl.load(pp + 8)
-        out_off = tl.load(qp + 2)
-        cs_off = tl.load(qp + 3)
+        so_m = tl.load(pp + T.FP_SO_M)
+        so_n = tl.load(pp + T.FP_SO_N)
+        out_off = tl.load(qp + T.FQ_OUT)
+        cs_off = tl.load(qp + T.FQ_CS)
         _store_tile(acc, cs, out_base + out_off, cs_base + cs_off, rm, rn, M, N, so_m, so_n,
                     sym, diag, has_cs, BM, BN)
     else:
@@ -198,26 +188,26 @@ def atb_kernel(
 
 
 @triton.jit
-def finalize_kernel(
+def forward_finalize_kernel(
     out_base, cs_base, ws_ptr, prob_ptr, ptr_ptr, tile_ptr, fin_ptr,
     BM: tl.constexpr, BN: tl.constexpr,
 ):
     """One program per split tile (``fin_ptr`` lists them): workspace -> output (+ mirror)."""
     tile = tl.load(fin_ptr + tl.program_id(0).to(tl.int64))
-    prob = tl.load(tile_ptr + tile * 4 + 0)
-    ti = tl.load(tile_ptr + tile * 4 + 1)
-    tj = tl.load(tile_ptr + tile * 4 + 2)
-    ws_off = tl.load(tile_ptr + tile * 4 + 3)
-    pp = prob_ptr + prob * 11
-    M = tl.load(pp + 1)
-    N = tl.load(pp + 2)
-    so_m = tl.load(pp + 7)
-    so_n = tl.load(pp + 8)
-    sym = tl.load(pp + 9)
-    has_cs = tl.load(pp + 10)
-    qp = ptr_ptr + prob * 4
-    out_off = tl.load(qp + 2)
-    cs_off = tl.load(qp + 3)
+    prob = tl.load(tile_ptr + tile * T.FT_WIDTH + T.FT_PROB)
+    ti = tl.load(tile_ptr + tile * T.FT_WIDTH + T.FT_I)
+    tj = tl.load(tile_ptr + tile * T.FT_WIDTH + T.FT_J)
+    ws_off = tl.load(tile_ptr + tile * T.FT_WIDTH + T.FT_WS)
+    pp = prob_ptr + prob * T.FP_WIDTH
+    M = tl.load(pp + T.FP_M)
+    N = tl.load(pp + T.FP_N)
+    so_m = tl.load(pp + T.FP_SO_M)
+    so_n = tl.load(pp + T.FP_SO_N)
+    sym = tl.load(pp + T.FP_SYM)
+    has_cs = tl.load(pp + T.FP_CS)
+    qp = ptr_ptr + prob * T.FQ_WIDTH
+    out_off = tl.load(qp + T.FQ_OUT)
+    cs_off = tl.load(qp + T.FQ_CS)
     r = tl.arange(0, BM)
     c = tl.arange(0, BN)
     acc = tl.load(ws_ptr + ws_off + r[:, None] * BN + c[None, :])

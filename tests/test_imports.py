@@ -19,13 +19,14 @@ EXTENSIONS = {f"{PKG}._C"}
 
 # lowest first; a module may import modules of its own layer or below, never above
 LAYERS = [
-    ["_checks", "planning", "metrics", "kernels"],
+    ["_checks", "planning", "metrics", "kernels", "truth"],
     ["backends"],
     ["ops"],
     ["functional"],
     ["nn"],
     [""],  # the package root, guidance_kernels/__init__.py
     ["train"],
+    ["peer_adapters"],
     ["similarity", "bench"],
     ["commands"],
     ["cli", "__main__"],

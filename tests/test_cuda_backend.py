@@ -11,7 +11,7 @@ Without a GPU (CI, the dev box) these tests check what can be checked on a CPU:
   through the torch.library ops (autograd, opcheck).
 The ``gpu`` tests run the kernels: every primitive on awkward shapes (odd sizes, n = 1, p = 1,
 empty, strided views, split-K and unsplit, a large common offset) and the canonical workloads
-W1-W5 (GUIDE §3) at full size, against fp64 in value and gradient, for float32, float16 and
+W1-W5 (``bench/workloads.py``) at full size, against fp64 in value and gradient, for float32, float16 and
 bfloat16, plus fp32 CKA of deep-MLP activations with a large common offset vs fp64.
 Every product is of the row-shifted activation ``x' = x - 1 x[0]`` (backend contract), so the
 expected values are fp64 products of ``shifted(x)``.

@@ -147,3 +147,20 @@ def test_every_call_path_stays_clear_of_the_measured_dispatch():
                 assert name in allowed, f"{name} imports backends.dispatch at module level"
             if isinstance(node, ast.ImportFrom) and node.module == f"{PKG}.backends":
                 assert "dispatch" not in {a.name for a in node.names}, name
+
+
+def test_a_call_does_not_load_the_measured_dispatch():
+    """At run time too: importing the package and computing a loss (``backend="auto"``, CPU)
+    leaves ``backends.dispatch`` and its json table unloaded."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch, guidance_kernels as gk\n"
+        "x, y = torch.randn(8, 5, requires_grad=True), torch.randn(8, 3)\n"
+        "gk.guidance_loss([x], [y]).backward()\n"
+        "print('guidance_kernels.backends.dispatch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"

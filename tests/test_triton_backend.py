@@ -8,7 +8,7 @@ unshifted (or wrongly shifted) kernel fails.
 Without CUDA this runs the kernels under TRITON_INTERPRET=1 (set by conftest) on tiny shapes;
 launch parameters are shrunk (16x16 tiles, short K chunks) so that several tiles per layer, the
 symmetric mirror, split-K with the finalize pass and the unsplit direct store are all exercised.
-The ``gpu`` tests run the canonical workloads W1-W5 (GUIDE §3) at full size.
+The ``gpu`` tests run the canonical workloads W1-W5 (``bench/workloads.py``) at full size.
 """
 
 from __future__ import annotations

@@ -1,6 +1,8 @@
 // Host API of guidance_kernels._C: argument checks (flash-attention habit), output allocation,
 // work-list construction and the grouped launches. The kernels live in the .cu files and see
-// only api.h; this is the one translation unit that includes torch / pybind11.
+// only api.h; this is the one translation unit that includes torch / pybind11. (Over 400 lines
+// on purpose: splitting it would compile the torch / pybind11 headers, the build's critical
+// path, once more per file.)
 //
 // Every function takes a whole list of layers of ONE dtype (float32, float16 or bfloat16); the
 // Python backend (guidance_kernels/backends/cuda.py) groups mixed lists by dtype and sends

@@ -19,14 +19,14 @@ EXTENSIONS = {f"{PKG}._C"}
 
 # lowest first; a module may import modules of its own layer or below, never above
 LAYERS = [
-    ["_checks", "planning", "metrics", "kernels", "truth"],
+    ["_checks", "planning", "metrics", "kernels"],
     ["backends"],
     ["ops"],
     ["functional"],
     ["nn"],
+    ["truth", "peer_adapters"],  # the bench's and the peer comparison's fp64 truth and peers
     [""],  # the package root, guidance_kernels/__init__.py
     ["train"],
-    ["peer_adapters"],
     ["similarity", "bench"],
     ["commands"],
     ["cli", "__main__"],

@@ -26,6 +26,7 @@ LAYERS = [
     ["nn"],
     [""],  # the package root, guidance_kernels/__init__.py
     ["train"],
+    ["integrations"],  # Lightning / Hugging Face trainers, over train
     ["similarity", "bench"],
     ["commands"],
     ["cli", "__main__"],

@@ -13,7 +13,7 @@ pytest.importorskip("transformers", reason="the 'hf' extra is not installed")
 pytest.importorskip("accelerate", reason="the 'hf' extra is not installed (accelerate)")
 
 from reference_math import cka as cka_ref  # noqa: E402
-from tolerance import score_bound  # noqa: E402
+from tolerance import bound, score_bound  # noqa: E402
 
 from guidance_kernels.train import FirstK  # noqa: E402
 
@@ -112,3 +112,23 @@ def test_schedule_follows_global_step(tmp_path):
     trainer.train()
     alphas = [e.get("guidance/alpha") for e in trainer.state.log_history if "loss" in e]
     assert alphas == [1.0, 1.0, None, None]  # steps 0, 1 guided; then the guide is not run
+
+
+def test_gradient_accumulation_scaling(tmp_path):
+    """When the model normalises the task loss over the accumulated batch (num_items_in_batch),
+    the guidance term is divided by the accumulation steps; otherwise the Trainer divides."""
+    ex, model, guide, ds, trainer = setup(tmp_path)
+    assert trainer.model_accepts_loss_kwargs
+    inputs = batch(ds)
+    items = int((inputs["labels"][:, 1:] != -100).sum())  # the tokens the shifted LM loss averages
+    trainer.current_gradient_accumulation_steps = 2
+    with torch.no_grad():
+        unscaled = _loss(trainer, model, inputs)
+        torch.manual_seed(5)
+        scaled = trainer.compute_loss(model, dict(inputs), num_items_in_batch=torch.tensor(items))
+        torch.manual_seed(5)
+        task = model(**inputs).loss
+    g = unscaled - task
+    assert float(g) > 0
+    # the two task losses differ by the rounding of an `items`-term sum (sum / n vs mean)
+    assert abs(float(scaled) - float(task + g / 2)) <= bound(torch.float32, k=items) * float(task + g)

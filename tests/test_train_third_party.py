@@ -5,11 +5,14 @@ from collections import OrderedDict
 
 import pytest
 import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 from reference_math import cka as cka_ref
 from reference_math import procrustes as procrustes_ref
 from tolerance import assert_within, score_bound
 from torch import nn
 
+import guidance_kernels as gk
 from guidance_kernels.train import Guidance
 from guidance_kernels.train.guidance import masked_center
 from guidance_kernels.train.hooks import first_tensor
@@ -171,7 +174,7 @@ def test_mask_equals_metric_on_kept_tokens(metric):
     # without the mask the padded tokens count, and the value differs by far more than rounding
     with G.record():
         t(ids)
-    assert abs(float(G.loss(ids)) - float(want)) > 1e-3
+    assert abs(float(G.loss(ids).detach()) - float(want)) > 1e-3
     G.close()
 
 
@@ -224,3 +227,25 @@ def test_mask_errors_name_the_problem():
     with pytest.raises(ValueError, match=r"pair \('proj', 'proj'\): mask of shape \(2, 4\) for 10 rows"):
         G.loss(ids, mask=torch.ones(2, 4))
     G.close()
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    n=st.integers(1, 4), T=st.integers(2, 6),
+    tdt=st.sampled_from([torch.float32, torch.bfloat16, torch.float64]),
+    gdt=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    log_scale=st.integers(-4, 4), seed=st.integers(0, 2**16),
+)
+def test_masked_cka_fuzz_mixed_dtypes_and_magnitudes(n, T, tdt, gdt, log_scale, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(n * T, 5, generator=g) * 10.0**log_scale).to(tdt)
+    y = (torch.randn(n * T, 3, generator=g) * 10.0 ** (-log_scale // 2)).to(gdt)
+    keep = torch.rand(n * T, generator=g) < 0.7
+    assume(int(keep.sum()) >= 3)
+    xc, yc = masked_center(x, keep), masked_center(y, keep)
+    assert xc.dtype == torch.promote_types(tdt, torch.float32) and yc.dtype == torch.float32
+    got = gk.guidance_loss([xc], [yc], reduction="none")[0]
+    want = 1 - cka_ref(x.double()[keep], y.double()[keep])  # the same rounded inputs, fp64
+    m = int(keep.sum())
+    assert torch.isfinite(got)
+    assert abs(float(got) - float(want)) <= score_bound("cka", torch.float32, m, 5)

@@ -249,3 +249,12 @@ def test_masked_cka_fuzz_mixed_dtypes_and_magnitudes(n, T, tdt, gdt, log_scale, 
     m = int(keep.sum())
     assert torch.isfinite(got)
     assert abs(float(got) - float(want)) <= score_bound("cka", torch.float32, m, 5)
+
+
+def test_patterns_and_names_may_overlap_names_may_not_repeat():
+    m = nn.Sequential(nn.Linear(2, 2), nn.Sequential(nn.Linear(2, 2), nn.ReLU()))
+    assert select_layers(m, ["0", "*", "1.0"]) == ["0", "1", "1.0"]
+    with pytest.raises(ValueError, match="duplicate names"):
+        select_layers(m, ["0", "0"])
+    with pytest.raises(ValueError, match="'auto' types"):
+        select_layers(nn.Sequential(nn.ReLU()), "auto", what="guide")

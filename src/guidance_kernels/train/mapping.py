@@ -140,7 +140,8 @@ def select_layers(model: nn.Module, spec: LayerSpec = "auto", *, what: str = "mo
     model = unwrap(model)
     modules = dict(model.named_modules())
     modules.pop("", None)  # the root is never a guided layer
-    if isinstance(spec, str) and spec == "auto":
+    auto = isinstance(spec, str) and spec == "auto"
+    if auto:
         spec = _auto
     if isinstance(spec, str) and is_pattern(spec):
         spec = [spec]
@@ -150,24 +151,27 @@ def select_layers(model: nn.Module, spec: LayerSpec = "auto", *, what: str = "mo
         desc = f"of type {spec}"
     elif callable(spec):
         names = [n for n, m in modules.items() if spec(n, m)]
-        desc = "matching the callable"
+        desc = (
+            "of the 'auto' types (Conv, Linear, RNN, MultiheadAttention, HF Conv1D)"
+            if auto else "matching the callable"
+        )
     elif isinstance(spec, str):
         raise TypeError(
             f"{what} layers: a single name {spec!r}; pass a list of names, a glob pattern, or 'auto'"
         )
     else:
-        wanted = []
+        explicit, matched = [], []
         for n in spec:
             if isinstance(n, str) and is_pattern(n):
-                wanted += [m for m in _match_pattern(n, modules, what) if m not in wanted]
+                matched += _match_pattern(n, modules, what)  # overlaps between patterns are fine
             elif n not in modules:
                 raise _unknown(n, modules, what)
             else:
-                wanted.append(n)
-        if len(set(wanted)) != len(wanted):
-            raise ValueError(f"{what} layers: duplicate names in {wanted}")
+                explicit.append(n)
+        if len(set(explicit)) != len(explicit):
+            raise ValueError(f"{what} layers: duplicate names in {explicit}")
         order = {n: i for i, n in enumerate(modules)}
-        names = sorted(wanted, key=order.__getitem__)
+        names = sorted(set(explicit) | set(matched), key=order.__getitem__)
         desc = "from the given names"
     if not names:
         raise ValueError(f"{what} layer selection is empty: no module {desc}")

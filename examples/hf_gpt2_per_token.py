@@ -2,7 +2,7 @@
 ``Trainer``, with padding excluded from the CKA.
 
     python examples/hf_gpt2_per_token.py --steps 20
-    torchrun --nproc-per-node 2 examples/hf_gpt2_per_token.py --steps 5     # DDP (gloo on CPU)
+    torchrun --nproc-per-node 2 examples/hf_gpt2_per_token.py --steps 5 --gather global   # DDP, gloo
 
 The guidance lines are marked ``# +``. The data are random token sequences of random lengths,
 right-padded; the attention mask keeps the padding out of both the task loss (labels -100) and
@@ -57,7 +57,8 @@ def build(vocab: int = 64, seq: int = 16):
     return GPT2LMHeadModel(cfg), LSTMGuide(vocab)
 
 
-def make_trainer(model, guide, dataset, *, steps: int, batch: int, out: str, alpha=1.0, **trainer_kwargs):
+def make_trainer(model, guide, dataset, *, steps: int, batch: int, out: str, alpha=1.0, gather="rank",
+                 **trainer_kwargs):
     args = TrainingArguments(
         output_dir=out, max_steps=steps, per_device_train_batch_size=batch, learning_rate=1e-3,
         logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
@@ -67,7 +68,7 @@ def make_trainer(model, guide, dataset, *, steps: int, batch: int, out: str, alp
         model=model, args=args, train_dataset=dataset,
         guide=guide,  # +
         guidance=dict(target_layers="transformer.h.*", guide_layers=["lstm1", "lstm2"],  # +
-                      flatten="token", alpha=Continuous(alpha)),
+                      flatten="token", alpha=Continuous(alpha), gather=gather),
         **trainer_kwargs,
     )
 
@@ -78,12 +79,14 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=16)
     p.add_argument("--out", default="hf_gpt2_out")
+    p.add_argument("--gather", choices=["rank", "global"], default="rank",
+                   help="under torchrun: per-rank loss, or the exact loss over the global batch")
     a = p.parse_args(argv)
     hf_logging.set_verbosity_error()
     torch.manual_seed(0)
     model, guide = build(seq=a.seq)
     trainer = make_trainer(model, guide, RandomText(a.batch * a.steps, a.seq, 64), steps=a.steps,
-                           batch=a.batch, out=a.out)
+                           batch=a.batch, out=a.out, gather=a.gather)
     trainer.train()
     if trainer.is_world_process_zero():
         print("pairs:", trainer.guidance.pairs)

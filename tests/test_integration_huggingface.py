@@ -132,3 +132,21 @@ def test_gradient_accumulation_scaling(tmp_path):
     assert float(g) > 0
     # the two task losses differ by the rounding of an `items`-term sum (sum / n vs mean)
     assert abs(float(scaled) - float(task + g / 2)) <= bound(torch.float32, k=items) * float(task + g)
+
+
+def test_torchrun_two_cpu_processes_global_gather(tmp_path):
+    """The example under torchrun (2 CPU processes, gloo, Accelerate's DDP), gather='global'."""
+    import os
+    import subprocess
+
+    torchrun = pathlib.Path(sys.executable).with_name("torchrun")
+    if not torchrun.exists():
+        pytest.skip("torchrun not next to the interpreter")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc-per-node", "2", str(EXAMPLE), "--steps", "2",
+         "--batch", "4", "--seq", "8", "--gather", "global", "--out", str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "'guidance/cka/transformer.h.1~lstm2'" in proc.stdout and "'step': 2" in proc.stdout

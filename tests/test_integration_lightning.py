@@ -93,10 +93,10 @@ def test_single_process_grads_logs_guide_untouched(tmp_path):
 def test_resume_reproduces_schedule_alpha(tmp_path):
     sched = AlphaDecay(value=1.0, steps=8, final=0.0)
     model = Classifier(make_guide(), alpha=sched)
-    trainer(tmp_path / "a", 3).fit(model, loader(n=32))
+    trainer(tmp_path / "a", 3).fit(model, loader(n=24))
     ckpt = next(pathlib.Path(tmp_path / "a").rglob("*.ckpt"))
     resumed = Classifier(make_guide(), alpha=sched)
-    trainer(tmp_path / "b", 6).fit(resumed, loader(n=32), ckpt_path=str(ckpt))
+    trainer(tmp_path / "b", 6).fit(resumed, loader(n=24), ckpt_path=str(ckpt))
     assert [s for s, _ in model.seen] == [0, 1, 2]
     assert [s for s, _ in resumed.seen] == [3, 4, 5]
     for s, a in model.seen + resumed.seen:
@@ -138,3 +138,17 @@ def test_ddp_two_cpu_processes(tmp_path):
         assert "guidance/cka/0~0" in out[r]["logged"]
         assert abs(out[r]["step0_guidance_loss"] - want) <= bound(torch.float32, k=16 * 36 * 9) * max(abs(want), 1.0)
     assert out[0]["params"] == out[1]["params"]  # DDP kept the replicas equal
+
+
+def test_module_pickles_for_ddp_spawn(tmp_path):
+    import pickle
+
+    model = Classifier(make_guide())
+    clone = pickle.loads(pickle.dumps(model))  # what strategy="ddp_spawn" does
+    x, y = data(8)
+    with clone.guidance_recording():
+        clone.net(x)
+    assert float(clone.guidance_loss(x).detach()) > 0
+    assert clone.guide is not model.guide and not clone.guide.training
+    trainer(tmp_path, 1).fit(model, loader())
+    pickle.dumps(model)  # hooks are removed at fit end

@@ -150,3 +150,14 @@ def test_torchrun_two_cpu_processes_global_gather(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "'guidance/cka/transformer.h.1~lstm2'" in proc.stdout and "'step': 2" in proc.stdout
+
+
+def test_bad_arguments_are_named(tmp_path):
+    ex = example()
+    model, guide = ex.build(seq=8)
+    with pytest.raises(TypeError, match="guide must be an nn.Module"):
+        ex.make_trainer(model, "lstm", ex.RandomText(4, 8, 64), steps=1, batch=4, out=str(tmp_path))
+    trainer = ex.make_trainer(model, guide, ex.RandomText(4, 8, 64), steps=1, batch=4, out=str(tmp_path))
+    trainer.guide_input = "pixel_values"
+    with pytest.raises(KeyError, match="guide_input 'pixel_values' is not in the batch"):
+        _loss(trainer, model, batch(ex.RandomText(4, 8, 64)))

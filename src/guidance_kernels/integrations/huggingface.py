@@ -66,6 +66,9 @@ class GuidedTrainer(Trainer):
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
+        if self.model is None or kwargs.get("model_init") is not None:
+            raise ValueError("GuidedTrainer: pass model=... (model_init is not supported: the "
+                             "guidance hooks are placed on the model at construction)")
         if not isinstance(guide, nn.Module):
             raise TypeError(f"GuidedTrainer: guide must be an nn.Module, got {type(guide).__name__}")
         self.guide = freeze(guide)

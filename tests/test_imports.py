@@ -27,6 +27,7 @@ LAYERS = [
     ["truth", "peer_adapters"],  # the bench's and the peer comparison's fp64 truth and peers
     [""],  # the package root, guidance_kernels/__init__.py
     ["train"],
+    ["integrations"],  # Lightning / Hugging Face trainers, over train
     ["similarity", "bench"],
     ["commands"],
     ["cli", "__main__"],

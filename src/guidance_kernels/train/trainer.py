@@ -20,7 +20,6 @@ world size). Steps: ``warmup_steps`` (from the guidance schedule) noise steps fi
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -30,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from guidance_kernels.files import FileWriteError, atomic_write, load_torch, save_torch, write_json
 from guidance_kernels.train.distributed import shard, world
 from guidance_kernels.train.guidance import KD, Guidance
 from guidance_kernels.train.mapping import unwrap
@@ -185,11 +185,13 @@ class Trainer:
         return os.path.join(self.cfg.out_dir, "checkpoint.pt") if self.cfg.out_dir else None
 
     def save_checkpoint(self, path: Optional[str] = None):
+        """Write the checkpoint atomically (temp file beside it, fsync, rename): a crash or a full
+        disk keeps the previous checkpoint and leaves no temporary. Raises
+        :class:`~guidance_kernels.files.FileWriteError` naming the file."""
         path = path or self._ckpt_path()
         if path is None or self.rank != 0:
             return
         self._flush()
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         state = {
             "step": self.step,
             "model": unwrap(self.model).state_dict(),
@@ -199,13 +201,16 @@ class Trainer:
             "history": asdict(self.history),
             "config": asdict(self.cfg),
         }
-        tmp = path + ".tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        save_torch(state, path)
 
     def load_checkpoint(self, path: Optional[str] = None):
+        """Load a checkpoint written by :meth:`save_checkpoint` with ``weights_only=True`` (a
+        crafted file cannot run code). Raises :class:`~guidance_kernels.files.FileLoadError`
+        naming the file when it is empty, truncated, not a checkpoint or not this trainer's."""
         path = path or self._ckpt_path()
-        state = torch.load(path, map_location=self.device, weights_only=False)
+        if path is None:
+            raise ValueError("load_checkpoint: no path given and config.out_dir is not set")
+        state = load_torch(path, map_location=self.device, check=_check_checkpoint)
         unwrap(self.model).load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
@@ -214,19 +219,29 @@ class Trainer:
         self.step = state["step"]
         self.history = History(**state["history"])
 
-    def write_metrics(self):
+    def _check_out_dir(self):
+        """Fail before training when ``out_dir`` cannot be written (not after every step)."""
         if not self.cfg.out_dir or self.rank != 0:
             return
-        os.makedirs(self.cfg.out_dir, exist_ok=True)
-        with open(os.path.join(self.cfg.out_dir, "metrics.json"), "w") as f:
-            json.dump({"name": self.name, "config": asdict(self.cfg), "warmup_steps": self.warmup,
-                       "history": asdict(self.history)}, f)
+        with atomic_write(os.path.join(self.cfg.out_dir, ".write-test")) as tmp:
+            tmp.write_bytes(b"")
+        with contextlib.suppress(OSError):
+            os.remove(os.path.join(self.cfg.out_dir, ".write-test"))
+
+    def write_metrics(self):
+        """``out_dir/metrics.json`` (strict JSON, written atomically)."""
+        if not self.cfg.out_dir or self.rank != 0:
+            return
+        write_json(os.path.join(self.cfg.out_dir, "metrics.json"),
+                   {"name": self.name, "config": asdict(self.cfg), "warmup_steps": self.warmup,
+                    "history": asdict(self.history)}, indent=None)
 
     # ------------------------------------------------------------------ loop
     def fit(self, *, resume: bool | str = False, max_steps: Optional[int] = None) -> History:
         """Train to ``warmup + steps`` (or stop after global step ``max_steps``, to simulate an
         interruption). ``resume=True`` loads ``out_dir/checkpoint.pt`` if it exists; a string is
         a checkpoint path."""
+        self._check_out_dir()
         if resume:
             path = resume if isinstance(resume, str) else self._ckpt_path()
             if path and os.path.exists(path):
@@ -266,5 +281,21 @@ class Trainer:
                     self.callback(s, self)
         self._flush()
         self.elapsed = time.perf_counter() - t0
-        self.write_metrics()
+        try:
+            self.write_metrics()
+        except FileWriteError as e:  # the trained model and the history are still returned
+            import warnings
+
+            warnings.warn(f"metrics not saved: {e}", RuntimeWarning, stacklevel=2)
         return self.history
+
+
+_CKPT_KEYS = ("step", "model", "optimizer", "rng", "history")
+
+
+def _check_checkpoint(obj) -> None:
+    if not isinstance(obj, dict):
+        raise ValueError(f"not a trainer checkpoint (holds a {type(obj).__name__}, expected a dict)")
+    missing = [k for k in _CKPT_KEYS if k not in obj]
+    if missing:
+        raise ValueError(f"not a trainer checkpoint: missing {missing}")

@@ -164,3 +164,11 @@ def test_noise_warmup_accepts_a_number_after_the_warmup():
 def test_schedule_arguments_are_validated(build, match):
     with pytest.raises((ValueError, TypeError), match=match):
         build()
+
+
+@pytest.mark.parametrize("field, value", [("log_every", 0), ("batch_size", 0), ("steps", -1),
+                                          ("lr", 0.0), ("lr", float("nan")), ("grad_clip", -1.0),
+                                          ("checkpoint_every", 2.5)])
+def test_train_config_is_validated_before_training(field, value):
+    with pytest.raises(ValueError, match=f"TrainConfig.{field} must be"):
+        TrainConfig(**{field: value})

@@ -20,6 +20,7 @@ world size). Steps: ``warmup_steps`` (from the guidance schedule) noise steps fi
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -50,6 +51,23 @@ class TrainConfig:
     out_dir: Optional[str] = None   # metrics.json and checkpoint.pt go here
     progress: bool = True
     noise_std: float = 1.0          # noise warm-up inputs: N(0, noise_std^2), shape of X[0]
+
+    def __post_init__(self):
+        """Reject values that would fail (or silently do nothing) only after training started."""
+        ints = {"steps": 0, "batch_size": 1, "log_every": 1, "eval_every": 0, "checkpoint_every": 0}
+        for name, low in ints.items():
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"TrainConfig.{name} must be an integer >= {low}, got {v!r}")
+        for name, positive in (("lr", True), ("weight_decay", False), ("noise_std", False)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+                    or v < 0 or (positive and v == 0):
+                raise ValueError(f"TrainConfig.{name} must be a finite number {'>' if positive else '>='} 0, "
+                                 f"got {v!r}")
+        if self.grad_clip is not None and not (isinstance(self.grad_clip, (int, float))
+                                               and math.isfinite(self.grad_clip) and self.grad_clip > 0):
+            raise ValueError(f"TrainConfig.grad_clip must be None or a finite number > 0, got {self.grad_clip!r}")
 
 
 @dataclass

@@ -8,7 +8,10 @@ JSON, a rich progress bar, and checkpoint/resume.
 Determinism and resume: the data order is a pure function of ``(seed, epoch)``, noise batches of
 ``(seed, step)``, schedules of ``step``; the checkpoint stores model, optimizer, step, the
 global RNG state and the history so far. A run resumed from a checkpoint therefore reproduces the
-uninterrupted loss curve (tested to 1e-6).
+uninterrupted loss curve (tested to 1e-6). Checkpoints and ``metrics.json`` are written
+atomically (temp file beside them, fsync, rename: a crash or a full disk keeps the previous file)
+and checkpoints load with ``weights_only=True`` (a crafted file cannot run code); an unwritable
+``out_dir`` fails before the first step.
 
 Data: in-memory tensors ``(X, y)``. ``batch_size`` is the **global** batch; under
 ``torch.distributed`` each rank takes its contiguous slice (``batch_size`` must divide by the

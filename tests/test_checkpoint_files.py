@@ -172,3 +172,9 @@ def test_schedule_arguments_are_validated(build, match):
 def test_train_config_is_validated_before_training(field, value):
     with pytest.raises(ValueError, match=f"TrainConfig.{field} must be"):
         TrainConfig(**{field: value})
+
+
+def test_explicit_resume_path_must_exist(tmp_path):
+    with pytest.raises(FileLoadError, match=r"nope\.pt: no such file"):
+        make(tmp_path).fit(resume=str(tmp_path / "nope.pt"))
+    assert make(tmp_path).fit(resume=True).step[0] == 0  # resume=True without one: a fresh start

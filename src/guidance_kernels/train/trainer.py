@@ -258,13 +258,15 @@ class Trainer:
                     "history": asdict(self.history)}, indent=None)
 
     # ------------------------------------------------------------------ loop
-    def fit(self, *, resume: bool | str = False, max_steps: Optional[int] = None) -> History:
+    def fit(self, *, resume: bool | str | os.PathLike = False, max_steps: Optional[int] = None) -> History:
         """Train to ``warmup + steps`` (or stop after global step ``max_steps``, to simulate an
-        interruption). ``resume=True`` loads ``out_dir/checkpoint.pt`` if it exists; a string is
-        a checkpoint path."""
+        interruption). ``resume=True`` loads ``out_dir/checkpoint.pt`` if it exists (else starts
+        fresh); a path is a checkpoint that must exist (``FileLoadError`` naming it otherwise)."""
         self._check_out_dir()
-        if resume:
-            path = resume if isinstance(resume, str) else self._ckpt_path()
+        if isinstance(resume, (str, os.PathLike)):
+            self.load_checkpoint(os.fspath(resume))  # an explicit path must exist
+        elif resume:
+            path = self._ckpt_path()
             if path and os.path.exists(path):
                 self.load_checkpoint(path)
         stop = self.total if max_steps is None else min(self.total, max_steps)

@@ -5,7 +5,6 @@ naming the file; a full disk (simulated) keeps the old checkpoint and leaves no 
 unwritable out_dir fails before training; schedules accept numbers wherever they take one."""
 
 import os
-import pickle
 
 import pytest
 import torch

@@ -39,6 +39,12 @@ def _existing_file(tmp_path):
     return str(p)
 
 
+def _broken_factory(tmp_path):
+    p = tmp_path / "mymodels.py"
+    p.write_text("class Broken(Exception):\n    pass\n\n\ndef make():\n    raise Broken('factory failed')\n")
+    return f"{p}:make"
+
+
 CASES = {
     "similarity --device cuda (no GPU)": (["similarity", "--device", NO_GPU_DEVICE], ["--device"]),
     "check --device cuda (no GPU)": (["check", "--device", NO_GPU_DEVICE], ["--device"]),
@@ -55,6 +61,10 @@ CASES = {
     "similarity --batch-size 2": (["similarity", "--batch-size", "2"], ["--batch-size"]),
     "similarity --ragged maybe": (["similarity", "--ragged", "maybe"], ["--ragged"]),
     "similarity unknown model": (["similarity", "-a", "no_such_model", "--device", "cpu"], ["no_such_model"]),
+    "similarity missing attribute": (["similarity", "-a", "guidance_kernels.train.models:Nope",
+                                      "--device", "cpu"], ["Nope"]),
+    "similarity model factory raises": (["similarity", "-a", _broken_factory, "--device", "cpu"],
+                                        ["Broken: factory failed", "GUIDANCE_KERNELS_DEBUG"]),
     "similarity 1-D .npy as --data": (["similarity", "--device", "cpu", "--data", _one_d_npy],
                                       ["one_d.npy", "shape (100,)"]),
     "similarity missing --data file": (["similarity", "--device", "cpu", "--data", "nope/missing.npy"],

@@ -15,8 +15,7 @@ from typer.core import TyperGroup
 from guidance_kernels.commands import bench, check, demo, similarity
 
 DEBUG_ENV = "GUIDANCE_KERNELS_DEBUG"
-EXIT_USAGE = 2   # a mistake in the command line or its inputs
-EXIT_INTERNAL = 1  # an unexpected failure (a bug): still one line unless debugging
+EXIT_USAGE = 2  # any failure of a command: one line on stderr (the traceback only when debugging)
 
 # errors that mean "the input is wrong" (bad value, file, device, model spec, out of memory)
 _INPUT_ERRORS = (ValueError, TypeError, LookupError, OSError, ImportError, RuntimeError,
@@ -55,10 +54,10 @@ class _Group(TyperGroup):
                 raise
             if isinstance(e, (typer.TyperException, *_INPUT_ERRORS)):
                 typer.echo(f"error: {where}{_one_line(e)}", err=True)
-                raise typer.Exit(EXIT_USAGE) from None
-            typer.echo(f"error: {where}internal error {type(e).__name__}: {_one_line(e)} "
-                       f"(set {DEBUG_ENV}=1 for the traceback)", err=True)
-            raise typer.Exit(EXIT_INTERNAL) from None
+            else:  # unexpected kinds (often from user code: a model factory, a data file) keep their name
+                typer.echo(f"error: {where}{type(e).__name__}: {_one_line(e)} "
+                           f"(set {DEBUG_ENV}=1 for the traceback)", err=True)
+            raise typer.Exit(EXIT_USAGE) from None
 
 
 app = typer.Typer(cls=_Group, add_completion=False, no_args_is_help=True,

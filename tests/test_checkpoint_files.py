@@ -177,3 +177,14 @@ def test_explicit_resume_path_must_exist(tmp_path):
     with pytest.raises(FileLoadError, match=r"nope\.pt: no such file"):
         make(tmp_path).fit(resume=str(tmp_path / "nope.pt"))
     assert make(tmp_path).fit(resume=True).step[0] == 0  # resume=True without one: a fresh start
+
+
+def test_checkpoint_of_another_model_names_the_file(tmp_path):
+    make(tmp_path).fit(max_steps=4)
+    torch.manual_seed(0)
+    other = DeepFCN(depth=3, width=8)
+    gen = torch.Generator().manual_seed(1)
+    X, Y = torch.randn(48, 1, 8, 8, generator=gen), torch.randint(0, 10, (48,), generator=gen)
+    tr = Trainer(other, (X, Y), TrainConfig(steps=2, batch_size=16, progress=False, out_dir=str(tmp_path)))
+    with pytest.raises(FileLoadError, match=r"checkpoint\.pt: a checkpoint of another model"):
+        tr.fit(resume=True)

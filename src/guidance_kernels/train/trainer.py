@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from guidance_kernels.files import FileWriteError, atomic_write, load_torch, save_torch, write_json
+from guidance_kernels.files import (FileLoadError, FileWriteError, atomic_write, load_torch, save_torch,
+                                    write_json)
 from guidance_kernels.train.distributed import shard, world
 from guidance_kernels.train.guidance import KD, Guidance
 from guidance_kernels.train.mapping import unwrap
@@ -232,8 +233,12 @@ class Trainer:
         if path is None:
             raise ValueError("load_checkpoint: no path given and config.out_dir is not set")
         state = load_torch(path, map_location=self.device, check=_check_checkpoint)
-        unwrap(self.model).load_state_dict(state["model"])
-        self.opt.load_state_dict(state["optimizer"])
+        try:
+            unwrap(self.model).load_state_dict(state["model"])
+            self.opt.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise FileLoadError(f"{path}: a checkpoint of another model or optimizer: {first}") from e
         torch.set_rng_state(state["rng"])
         if state.get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])

@@ -59,6 +59,12 @@ def _worker(rank, world_size, init_file, out_dir):
         res["gathered"] = full.detach()
         (full * torch.arange(1.0, full.shape[0] + 1, dtype=full.dtype)[:, None]).sum().backward()
         res["leaf_grad"] = leaf.grad
+        # per-sample shapes that differ across ranks: a clear error on every rank, no crash
+        try:
+            gather_batch([torch.zeros(3, 4 + rank)], differentiable=False)
+            res["shape_error"] = None
+        except ValueError as e:
+            res["shape_error"] = str(e)
         # the guidance loss under DDP with the exact global loss
         t, g = make()
         res["loss"] = guidance_step(wrap_ddp(t), g, x, "global")
@@ -85,6 +91,12 @@ def test_sizes_and_gathered_rows_are_exact(ranks):
         lo = sum(SPLIT[:r])
         want = 2 * torch.arange(lo + 1.0, lo + SPLIT[r] + 1, dtype=X.dtype)[:, None].expand(-1, X.shape[1])
         assert torch.equal(res["leaf_grad"], want)
+
+
+def test_per_sample_shapes_differing_across_ranks_is_a_clear_error(ranks):
+    for res in ranks:
+        assert res["shape_error"] is not None and "differ across ranks" in res["shape_error"]
+        assert "(3, 4)" in res["shape_error"] and "(3, 5)" in res["shape_error"]
 
 
 def test_global_loss_and_grads_with_unequal_batches_equal_one_process(ranks):

@@ -76,6 +76,7 @@ def shard(batch: Tensor, rank: int | None = None, world_size: int | None = None)
 
 
 _SIZE_GROUPS: dict = {}
+_MAX_DIMS = 8  # shapes exchanged before a gather are padded to this many dims
 
 
 def _size_group(group):
@@ -90,13 +91,14 @@ def _size_group(group):
     return _SIZE_GROUPS[key]
 
 
-def gather_sizes(n: int, *, group=None) -> list[int]:
-    """Every rank's ``n`` (a host integer), in rank order; exchanged over gloo on the host."""
+def gather_sizes(n: int | Sequence[int], *, group=None) -> list:
+    """Every rank's ``n`` (host integers; an int or a list of equal length on every rank), in rank
+    order; exchanged over gloo on the host, in one collective."""
     ws = dist.get_world_size(group)
-    local = torch.tensor([n], dtype=torch.int64)
+    local = torch.tensor([n] if isinstance(n, int) else list(n), dtype=torch.int64)
     parts = [torch.empty_like(local) for _ in range(ws)]
     dist.all_gather(parts, local, group=_size_group(group))
-    return [int(p[0]) for p in parts]
+    return [int(p[0]) for p in parts] if isinstance(n, int) else [p.tolist() for p in parts]
 
 
 def _all_gather(t: Tensor, group, differentiable: bool) -> list[Tensor]:
@@ -126,14 +128,22 @@ def gather_batch(tensors: Sequence[Tensor], *, group=None, differentiable: bool)
     back to the owning rank's rows; padding rows get none); ``False`` a plain all-gather."""
     if not is_distributed() or not tensors:
         return list(tensors)
-    rows = {t.shape[0] for t in tensors}
-    if len(rows) != 1:
-        raise ValueError(f"gather_batch: the tensors disagree on the local batch size: {sorted(rows)}")
-    n = rows.pop()
-    sizes = gather_sizes(n, group=group)
-    top = max(sizes)
+    # every tensor's shape, padded to _MAX_DIMS with -1, from every rank: one host collective
+    if any(t.dim() > _MAX_DIMS or t.dim() == 0 for t in tensors):
+        raise ValueError(f"gather_batch: tensors need 1 to {_MAX_DIMS} dims, got "
+                         f"{[tuple(t.shape) for t in tensors]}")
+    local = [d for t in tensors for d in (*t.shape, *([-1] * (_MAX_DIMS - t.dim())))]
+    shapes = [[r[i * _MAX_DIMS:(i + 1) * _MAX_DIMS] for i in range(len(tensors))]
+              for r in gather_sizes(local, group=group)]  # [rank][tensor] -> padded shape
     out = []
-    for t in tensors:
+    for i, t in enumerate(tensors):
+        tails = {tuple(r[i][1:]) for r in shapes}
+        if len(tails) != 1:
+            raise ValueError(f"gather_batch: tensor {i} has per-sample shapes that differ across ranks "
+                             f"({[tuple(d for d in r[i] if d >= 0) for r in shapes]}); only the batch "
+                             f"dimension (dim 0) may differ")
+        sizes = [r[i][0] for r in shapes]
+        n, top = t.shape[0], max(sizes)
         if top > n:
             t = torch.cat([t, t.new_zeros((top - n, *t.shape[1:]))])
         parts = _all_gather(t, group, differentiable)

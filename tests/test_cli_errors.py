@@ -59,6 +59,8 @@ CASES = {
     "check --n 1": (["check", "--n", "1"], ["--n"]),
     "similarity --limit -5": (["similarity", "--limit", "-5"], ["--limit"]),
     "similarity --batch-size 2": (["similarity", "--batch-size", "2"], ["--batch-size"]),
+    "similarity --alpha nan": (["similarity", "--alpha", "nan"], ["--alpha"]),
+    "similarity --lr 0": (["similarity", "--lr", "0"], ["--lr", "> 0"]),
     "similarity --ragged maybe": (["similarity", "--ragged", "maybe"], ["--ragged"]),
     "similarity unknown model": (["similarity", "-a", "no_such_model", "--device", "cpu"], ["no_such_model"]),
     "similarity missing attribute": (["similarity", "-a", "guidance_kernels.train.models:Nope",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from enum import Enum
 from typing import Optional
@@ -82,6 +83,10 @@ def command(
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
     check_backend(backend, dev)
+    for opt, v in (("--alpha", alpha), ("--lr", lr)):
+        if not math.isfinite(v) or (opt == "--lr" and v <= 0):
+            raise typer.BadParameter(f"must be a finite number{' > 0' if opt == '--lr' else ''}, got {v}",
+                                     param_hint=f"'{opt}'")
     if os.path.exists(out) and not os.path.isdir(out):
         raise typer.BadParameter(f"{out!r} exists and is not a folder", param_hint="'--out'")
     ragged, flatten = ragged.value, flatten.value

@@ -80,7 +80,7 @@ def command(
         name_b = name_a
 
     if pretrain_a:
-        from guidance_kernels.train.demo import load_digits_tensors
+        from guidance_kernels.data import load_digits_tensors
         from guidance_kernels.train.trainer import TrainConfig, Trainer
 
         tr, te = load_digits_tensors()
@@ -136,7 +136,7 @@ def _guidability(ma, mb, common, steps, alignment_only, alpha, lr, data, out, co
     if not data.startswith("digits"):
         fail("--guide-steps trains on digits-train and maps on digits-test; use the Python API "
              "(guidance_kernels.similarity.guidability_report) for other data")
-    from guidance_kernels.train.demo import load_digits_tensors
+    from guidance_kernels.data import load_digits_tensors
 
     tr, te = load_digits_tensors()
     try:

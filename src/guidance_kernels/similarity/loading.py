@@ -135,7 +135,7 @@ def load_model(spec: str, *, seed: Optional[int] = 0, map_location: str = "cpu")
 
 
 def _digits(which: str) -> torch.Tensor:
-    from guidance_kernels.train.demo import load_digits_tensors
+    from guidance_kernels.data import load_digits_tensors
 
     (xtr, _), (xte, _) = load_digits_tensors()
     if which == "train":

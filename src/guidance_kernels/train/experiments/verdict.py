@@ -58,7 +58,9 @@ def beats(a: Sequence[float], b: Sequence[float], margin: float = MARGIN) -> dic
 
 
 def _pts(x: float) -> str:
-    return "n/a" if not math.isfinite(x) else f"{100 * x:+.1f} pts"
+    if not math.isfinite(x):
+        return "n/a"
+    return f"{100 * x:+.1f} pts".replace("-0.0 ", "+0.0 ")
 
 
 def _mark(holds: Optional[bool], note: str) -> str:

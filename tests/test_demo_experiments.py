@@ -127,3 +127,19 @@ def test_demo_option_errors_exit_2(args, needle):
     r = CliRunner().invoke(app, ["demo", *args])
     assert r.exit_code == 2, r.output
     assert needle in r.output
+
+
+def test_digits_experiment_runs_an_arm():
+    import dataclasses
+
+    from guidance_kernels.train.experiments.arms import run_arm, task
+
+    spec = dataclasses.replace(task("digits").spec(), steps=2, warmup_steps=2, eval_every=1,
+                               sizes={"depth": 4, "width": 16})
+    r = run_arm(spec, "warmup_untrained", 0, None)
+    assert r["arm"] == "warmup_untrained" and 0.0 <= r["final_acc"] <= 1.0
+    assert [e["step"] for e in r["curve"]] == [0, 2, 3, 4]
+    with pytest.raises(ValueError, match="trained guide"):
+        run_arm(spec, "guided_trained", 0, None)
+    with pytest.raises(ValueError, match="unknown experiment"):
+        task("mnist")

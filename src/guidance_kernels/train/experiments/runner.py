@@ -7,7 +7,6 @@ the elapsed time and an ETA from the steps done so far.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait

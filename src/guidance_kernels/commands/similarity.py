@@ -104,7 +104,7 @@ def command(
         name_b = name_a
 
     if pretrain_a:
-        from guidance_kernels.train.demo import load_digits_tensors
+        from guidance_kernels.data import load_digits_tensors
         from guidance_kernels.train.trainer import TrainConfig, Trainer
 
         tr, te = load_digits_tensors()
@@ -160,7 +160,7 @@ def _guidability(ma, mb, common, steps, alignment_only, alpha, lr, out, console,
     from guidance_kernels.files import write_json
     from guidance_kernels.similarity.guidability import guidability_report
     from guidance_kernels.similarity.heatmap import plot_before_after
-    from guidance_kernels.train.demo import load_digits_tensors
+    from guidance_kernels.data import load_digits_tensors
 
     tr, te = load_digits_tensors()
     rep = guidability_report(

@@ -165,7 +165,7 @@ def _load_trusted_pickle(path: str, map_location):
 
 
 def _digits(which: str) -> torch.Tensor:
-    from guidance_kernels.train.demo import load_digits_tensors
+    from guidance_kernels.data import load_digits_tensors
 
     (xtr, _), (xte, _) = load_digits_tensors()
     if which == "train":

@@ -73,7 +73,7 @@ CASES = {
                                        ["missing.npy"]),
     "similarity --out <existing file>": (["similarity", "--device", "cpu", "--out", _existing_file],
                                          ["--out", "taken"]),
-    "demo --out <existing file>": (["demo", "--quick", "--no-progress", "--out", _existing_file], ["taken"]),
+    "demo --out <existing file>": (["demo", "--quick", "--out", _existing_file], ["taken"]),
 }
 
 

@@ -21,7 +21,7 @@ EXTENSIONS = {f"{PKG}._C"}
 LAYERS = [
     ["_checks", "planning", "metrics", "kernels"],
     ["backends"],
-    ["ops"],
+    ["ops", "feature_debiased"],
     ["functional"],
     ["nn"],
     [""],  # the package root, guidance_kernels/__init__.py

@@ -50,7 +50,7 @@ def _mean(x: Tensor, acc: torch.dtype, blocks) -> Tensor:
     x0 = x[0].to(acc)
     s = x0.new_zeros(x.shape[1])
     for a, b in blocks:
-        s += (x[a:b].to(acc) - x0).sum(0)
+        s = s + (x[a:b].to(acc) - x0).sum(0)
     return x0 + s / x.shape[0]
 
 
@@ -60,17 +60,17 @@ def _forward_sums(x: Tensor, y: Tensor, acc: torch.dtype):
     n = x.shape[0]
     blocks = _rows(n, x.shape[1] + y.shape[1])
     mx, my = _mean(x, acc, blocks), _mean(y, acc, blocks)
-    d = x.new_empty(n, dtype=acc)
-    e = x.new_empty(n, dtype=acc)
+    ds, es = [], []
     out = None
     for s, t in blocks:
         zb, wb = x[s:t].to(acc) - mx, y[s:t].to(acc) - my
         db, eb = (zb * zb).sum(1), (wb * wb).sum(1)
-        d[s:t], e[s:t] = db, eb
+        ds.append(db)
+        es.append(eb)
         part = [zb.T @ zb, wb.T @ wb, zb.T @ wb, zb.sum(0), wb.sum(0),
                 zb.T @ db, zb.T @ eb, wb.T @ db, wb.T @ eb]
-        out = part if out is None else [o.add_(pt) for o, pt in zip(out, part)]
-    return out, d, e, mx, my
+        out = part if out is None else [o + pt for o, pt in zip(out, part)]
+    return out, torch.cat(ds), torch.cat(es), mx, my
 
 
 def _inv(tr: Tensor, acc: torch.dtype) -> Tensor:
@@ -157,8 +157,10 @@ class _FeatureDebiased(torch.autograd.Function):
         root = torch.sqrt(P1 * Q1)
         al = gd / root
         bx, by = -gd * N / (2 * P1 * root), -gd * N / (2 * Q1 * root)
-        dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else None
-        dy = torch.empty_like(y, memory_format=torch.contiguous_format) if need_y else None
+        # eager: rows written in place; traced (torch.compile): blocks concatenated (no mutation)
+        inplace = not torch.compiler.is_compiling()
+        dx = (torch.empty_like(x, memory_format=torch.contiguous_format) if inplace else []) if need_x else None
+        dy = (torch.empty_like(y, memory_format=torch.contiguous_format) if inplace else []) if need_y else None
         sides = []
         if need_x:
             sides.append((dx, _side_coefs(st, "x", al, bx), bx, st["rx"], st["ry"], st["kx"], st["ky"], st["sz"], st["sw"], True))
@@ -180,7 +182,13 @@ class _FeatureDebiased(torch.autograd.Function):
                 u = -al * c3 * b - 2 * be * c3 * a + 2 * al * c2 * S_oth + 4 * be * c2 * S_self
                 blk = torch.addmm(v, own, M).addmm_(oth, Nm)
                 blk += (k_s * r).to(acc)[:, None] * own + (r_s * u).to(acc)[:, None] * s_s
-                out[s:t] = blk
+                if inplace:
+                    out[s:t] = blk
+                else:
+                    out.append(blk)
+        if not inplace:
+            dx = torch.cat(dx).to(x.dtype) if need_x else None
+            dy = torch.cat(dy).to(y.dtype) if need_y else None
         return dx, dy
 
 

@@ -27,8 +27,13 @@ def command(
     ),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="JSON path; the CSV and PNG go beside it."),
     markdown: bool = typer.Option(False, "--markdown", help="Also print the table as Markdown."),
+    part: str = typer.Option("workloads", "--part", help="workloads (W1-W5) or scaling (cost curves in n, p, L)."),
 ) -> None:
     """Bench W1-W5 against eager, torch.compile, the paper's formulation and peers (% of floor)."""
+    if part == "scaling":
+        return _scaling(device, dtype, quick, budget, out)
+    if part != "workloads":
+        raise typer.BadParameter(f"--part must be 'workloads' or 'scaling', got {part!r}")
     from guidance_kernels.bench import report
     from guidance_kernels.bench.runner import DTYPES, MODES, BenchConfig, run_bench
 
@@ -58,4 +63,21 @@ def command(
         typer.echo(report.markdown_table(result))
     if out is not None:
         for p in report.write_all(result, out):
+            typer.echo(f"wrote {p}", err=True)
+
+
+def _scaling(device: str, dtype: str, quick: bool, budget: Optional[float], out: Optional[Path]) -> None:
+    from guidance_kernels.bench.runner import DTYPES
+    from guidance_kernels.bench.scaling import run_scaling, write_scaling
+
+    if dtype not in DTYPES:
+        raise typer.BadParameter(f"dtype must be one of {list(DTYPES)}")
+    import torch
+
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    result = run_scaling(dev, DTYPES[dtype], quick, budget_s=budget, log=lambda s: typer.echo(s, err=True))
+    for name, k in result["fits"].items():
+        typer.echo(f"{name}: exponent {k:.2f}")
+    if out is not None:
+        for p in write_scaling(result, out):
             typer.echo(f"wrote {p}", err=True)

@@ -32,6 +32,16 @@ def _shifted_cols(x: Tensor, s: int, e: int, acc: torch.dtype) -> Tensor:
     return c - c[:1]
 
 
+def _shift_into(buf: Tensor, x: Tensor, s: int, e: int) -> Tensor:
+    """Columns ``s:e`` of ``x - 1 x[0]`` in ``buf``'s dtype, written into the reused buffer
+    ``buf`` (no allocation: a fresh large block would page-fault on every call)."""
+    c = buf[: x.shape[0] * (e - s)].view(x.shape[0], e - s)
+    if x.dtype == buf.dtype:
+        return torch.sub(x[:, s:e], x[:1, s:e], out=c)
+    c.copy_(x[:, s:e])  # upcast first: the shift must be exact in the accumulation dtype
+    return c.sub_(c[:1].clone())
+
+
 def gram(xs: list[Tensor]) -> list[Tensor]:
     out = []
     for x in xs:
@@ -39,13 +49,14 @@ def gram(xs: list[Tensor]) -> list[Tensor]:
         n, p = x.shape
         sym = x.device.type == "cpu" and cpu_syrk.available(acc)
         k = x.new_empty((n, n), dtype=acc)
-        for i, (s, e) in enumerate(_blocks(p, n, _SYRK_BLOCK_ELEMS if sym else _BLOCK_ELEMS)):
-            c = _shifted_cols(x, s, e, acc)
+        blocks = _blocks(p, n, _SYRK_BLOCK_ELEMS if sym else _BLOCK_ELEMS)
+        buf = x.new_empty(n * (blocks[0][1] - blocks[0][0]), dtype=acc) if sym else None
+        for i, (s, e) in enumerate(blocks):
             if sym:  # half the multiply-adds: one triangle, mirrored at the end
-                if c.stride(1) != 1:  # elementwise ops keep a transposed input's layout
-                    c = c.contiguous()
-                cpu_syrk.syrk_lower_(k, c, 0.0 if i == 0 else 1.0)
-            elif i == 0:  # the first block's product, not an add into zeros
+                cpu_syrk.syrk_lower_(k, _shift_into(buf, x, s, e), 0.0 if i == 0 else 1.0)
+                continue
+            c = _shifted_cols(x, s, e, acc)
+            if i == 0:  # the first block's product, not an add into zeros
                 torch.mm(c, c.T, out=k)
             else:
                 k.addmm_(c, c.T)

@@ -71,8 +71,14 @@ def gram_backward(ms: list[Tensor], xs: list[Tensor]) -> list[Tensor]:
         n, p = x.shape
         dx = torch.empty_like(x, memory_format=torch.contiguous_format)
         m = m.to(acc)
-        for s, e in _blocks(p, n):
-            dx[:, s:e] = m @ _shifted_cols(x, s, e, acc)
+        blocks = _blocks(p, n)
+        buf = x.new_empty(n * (blocks[0][1] - blocks[0][0]), dtype=acc)
+        for s, e in blocks:
+            c = _shift_into(buf, x, s, e)
+            if len(blocks) == 1 and dx.dtype == acc:  # the product straight into dX, no copy
+                torch.mm(m, c, out=dx)
+            else:
+                dx[:, s:e] = m @ c
         out.append(dx)
     return out
 

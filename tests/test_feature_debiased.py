@@ -112,3 +112,31 @@ def test_token_level_memory_has_no_n_squared_buffer():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert float(out.stdout.strip().splitlines()[-1]) < 100, out.stdout
+
+
+def test_per_token_debiased_guidance_of_a_language_model_builds_no_gram(monkeypatch):
+    """Guidance(metric='debiased_cka', flatten='token') on a small sequence model: 4096 tokens of
+    width 32 go through the feature form (an n x n Gram would be 64 MiB per layer)."""
+    from torch import nn
+
+    from guidance_kernels.train.guidance import Guidance
+
+    torch.manual_seed(0)
+
+    def lm():
+        return nn.Sequential(nn.Embedding(50, 32), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 32), nn.Linear(32, 50))
+
+    target, guide = lm(), lm()
+
+    def no_gram(*a, **k):
+        raise AssertionError("sample-space Gram built")
+
+    monkeypatch.setattr(gk.ops, "gram", no_gram)
+    g = Guidance(target, guide, target_layers=nn.Linear, guide_layers=nn.Linear, metric="debiased_cka", flatten="token")
+    tokens = torch.randint(0, 50, (32, 128))
+    with g.record():
+        logits = target(tokens)
+    loss = nn.functional.cross_entropy(logits.flatten(0, 1), tokens.flatten()) + g.loss(tokens)
+    loss.backward()
+    grads = [p.grad for p in target.parameters()]
+    assert torch.isfinite(loss) and all(gr is not None and torch.isfinite(gr).all() for gr in grads)

@@ -111,9 +111,10 @@ def _score(st) -> Tensor:
 
 
 def _side_coefs(st, side: str, al: Tensor, be: Tensor):
-    """fp64 coefficients of one side's gradient in the normalized variables, as a dict:
-    ``M`` (p, p), ``Nm`` (q, p), ``v`` (p,), and the per-row ``r``, ``u`` as closures of the
-    normalized ``a``, ``b``, ``d``, ``e`` rows."""
+    """fp64 coefficients of one side's gradient in the normalized variables (``side`` "x": own
+    width p, other q): ``M`` (p, p), ``Nm`` (q, p), ``v`` (p,), and the scalars ``S`` of its own
+    and the other side (the per-row ``r``, ``u`` are formed block by block in the backward).
+    ``al = g / sqrt(PQ)``, ``be = -g N / (2 P_own sqrt(PQ))``."""
     if side == "x":
         A, C, s_self, s_oth, z_oth, z_self, S_self, S_oth = (st[k] for k in ("A", "C", "sz", "sw", "ze", "zd", "SK", "SL"))
     else:
@@ -131,7 +132,7 @@ class _FeatureDebiased(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, y):
-        acc = torch.float64 if torch.float64 in (x.dtype, y.dtype) else torch.float32
+        acc = _acc(x, y)
         sums, d, e, mx, my = _forward_sums(x, y, acc)
         st = _terms(sums, d, e, acc)
         ctx.acc = acc

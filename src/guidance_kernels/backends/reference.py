@@ -60,7 +60,7 @@ def gram(xs: list[Tensor]) -> list[Tensor]:
                 torch.mm(c, c.T, out=k)
             else:
                 k.addmm_(c, c.T)
-        out.append(cpu_syrk.mirror_lower_(k) if sym else k)
+        out.append(cpu_syrk.mirror_lower(k) if sym else k)
     return out
 
 

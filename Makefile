@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml setup.py
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install "$(TORCH_SPEC)"
-	$(PY) -m pip install --no-build-isolation -e ".[dev,bench]"
+	$(PY) -m pip install --no-build-isolation -e ".[dev,bench,lightning,hf]"
 	touch $@
 
 demo: setup

@@ -52,7 +52,7 @@ def _log(msg: str) -> None:
 
 def _toolkit_of(nvcc: str) -> str | None:
     """The toolkit folder (the one holding bin/nvcc and include/cuda.h) behind ``nvcc``, which
-    may be a symlink or a small wrapper script that execs the real nvcc (GUIDE §4)."""
+    may be a symlink or a small wrapper script that execs the real nvcc."""
     nvcc = os.path.realpath(nvcc)
     cand = os.path.dirname(os.path.dirname(nvcc))
     if os.path.isfile(os.path.join(cand, "include", "cuda.h")):

@@ -25,7 +25,7 @@ import time
 import torch
 
 from guidance_kernels.similarity import peers
-from guidance_kernels.train.demo import load_digits_tensors
+from guidance_kernels.data import load_digits_tensors
 from guidance_kernels.train.hooks import ActivationRecorder
 from guidance_kernels.train.mapping import select_layers
 from guidance_kernels.train.models import build_model

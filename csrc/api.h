@@ -27,7 +27,7 @@ constexpr int kTileK = 32;  // reduction step per shared-memory stage
 // the tiles with tj == 0 / ti == 0 (cross puts them on its symmetric jobs, as sum_v).
 // accumulate == 0 when the job's K range is a single split: each output element then has one
 // writer and is stored (no zero fill, no atomics).
-struct ProductJob {
+struct FwdJob {
   const void* u;
   const void* v;
   int64_t ldu;
@@ -44,7 +44,7 @@ struct ProductJob {
   int32_t pad;
 };
 
-struct ProductWork {
+struct FwdWork {
   int32_t job;
   int32_t ti;  // tile row index (units of kTileM)
   int32_t tj;  // tile col index (units of kTileN)
@@ -60,7 +60,7 @@ struct ProductWork {
 //   cross_backward (kind 1): two terms, A_t = activation (x', then y'), B_t = fp32 (m, then n);
 //                            bias = v (fp32, may be null).
 // Every element of out is written exactly once (no atomics, no zero fill needed).
-struct MixedJob {
+struct BwdJob {
   const void* a[2];
   const void* b[2];
   int64_t lda[2];
@@ -80,13 +80,13 @@ struct MixedJob {
 
 // Zero the outputs (and sums) of `jobs` (device array), then accumulate every work item.
 // Both arrays live in device memory. Returns the first CUDA error (launch errors only).
-cudaError_t launch_gram_fwd(DType dt, const ProductJob* jobs, int num_jobs,
-                            const ProductWork* work, int64_t num_work, cudaStream_t stream);
-cudaError_t launch_cross_fwd(DType dt, const ProductJob* jobs, int num_jobs,
-                             const ProductWork* work, int64_t num_work, cudaStream_t stream);
-cudaError_t launch_gram_bwd(DType dt, const MixedJob* jobs, int num_jobs, int64_t num_blocks,
+cudaError_t launch_gram_fwd(DType dt, const FwdJob* jobs, int num_jobs,
+                            const FwdWork* work, int64_t num_work, cudaStream_t stream);
+cudaError_t launch_cross_fwd(DType dt, const FwdJob* jobs, int num_jobs,
+                             const FwdWork* work, int64_t num_work, cudaStream_t stream);
+cudaError_t launch_gram_bwd(DType dt, const BwdJob* jobs, int num_jobs, int64_t num_blocks,
                             cudaStream_t stream);
-cudaError_t launch_cross_bwd(DType dt, const MixedJob* jobs, int num_jobs, int64_t num_blocks,
+cudaError_t launch_cross_bwd(DType dt, const BwdJob* jobs, int num_jobs, int64_t num_blocks,
                              cudaStream_t stream);
 
 }  // namespace gk

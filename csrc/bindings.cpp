@@ -1,6 +1,8 @@
 // Host API of guidance_kernels._C: argument checks (flash-attention habit), output allocation,
 // work-list construction and the grouped launches. The kernels live in the .cu files and see
-// only api.h; this is the one translation unit that includes torch / pybind11.
+// only api.h; this is the one translation unit that includes torch / pybind11. (Over 400 lines
+// on purpose: splitting it would compile the torch / pybind11 headers, the build's critical
+// path, once more per file.)
 //
 // Every function takes a whole list of layers of ONE dtype (float32, float16 or bfloat16); the
 // Python backend (guidance_kernels/backends/cuda.py) groups mixed lists by dtype and sends
@@ -152,7 +154,7 @@ int64_t plan_chunk(int64_t total_units, int sms) {
 }
 
 struct FwdPlan {
-  std::vector<gk::ProductJob> jobs;
+  std::vector<gk::FwdJob> jobs;
   std::vector<int64_t> tiles;  // tiles per job (triangular for symmetric jobs)
 };
 
@@ -162,9 +164,9 @@ Tensor build_fwd(FwdPlan& plan, const at::Device& device, int64_t* num_work_out,
   int64_t total_units = 0;
   for (size_t j = 0; j < plan.jobs.size(); ++j) total_units += plan.tiles[j] * plan.jobs[j].K;
   const int64_t chunk = plan_chunk(total_units, sm_count(device.index()));
-  std::vector<gk::ProductWork> work;
+  std::vector<gk::FwdWork> work;
   for (size_t j = 0; j < plan.jobs.size(); ++j) {
-    gk::ProductJob& J = plan.jobs[j];
+    gk::FwdJob& J = plan.jobs[j];
     const int64_t splits = J.K > 0 ? cdiv(J.K, chunk) : 0;
     J.accumulate = (splits != 1) ? 1 : 0;  // K == 0: zero fill only
     const int64_t tm = cdiv(J.M, gk::kTileM), tn = cdiv(J.N, gk::kTileN);
@@ -172,7 +174,7 @@ Tensor build_fwd(FwdPlan& plan, const at::Device& device, int64_t* num_work_out,
       const int64_t k0 = s * chunk, k1 = std::min<int64_t>(J.K, k0 + chunk);
       for (int64_t ti = 0; ti < tm; ++ti) {
         for (int64_t tj = J.symmetric ? ti : 0; tj < tn; ++tj) {
-          gk::ProductWork w;
+          gk::FwdWork w;
           w.job = static_cast<int32_t>(j);
           w.ti = static_cast<int32_t>(ti);
           w.tj = static_cast<int32_t>(tj);
@@ -214,7 +216,7 @@ TensorList gram(const TensorList& xs) {
   for (const auto& x : xs) {
     const int64_t n = x.size(0), p = x.size(1);
     out.push_back(at::empty({n, n}, f32_on(device)));
-    gk::ProductJob J{};
+    gk::FwdJob J{};
     J.u = J.v = x.data_ptr();
     J.ldu = J.ldv = x.stride(0);
     J.K = p;
@@ -229,9 +231,9 @@ TensorList gram(const TensorList& xs) {
   size_t work_off = 0;
   Tensor desc = build_fwd(plan, device, &num_work, &work_off);
   const auto* base = desc.data_ptr<uint8_t>();
-  CHECK_CUDA_CALL(gk::launch_gram_fwd(to_gk(dtype), reinterpret_cast<const gk::ProductJob*>(base),
+  CHECK_CUDA_CALL(gk::launch_gram_fwd(to_gk(dtype), reinterpret_cast<const gk::FwdJob*>(base),
                                       static_cast<int>(plan.jobs.size()),
-                                      reinterpret_cast<const gk::ProductWork*>(base + work_off),
+                                      reinterpret_cast<const gk::FwdWork*>(base + work_off),
                                       num_work, c10::cuda::getCurrentCUDAStream().stream()));
   return out;
 }
@@ -253,14 +255,14 @@ TensorList gram_backward(const TensorList& ms, const TensorList& xs) {
 
   const c10::cuda::CUDAGuard guard(device);
   TensorList out;
-  std::vector<gk::MixedJob> jobs;
+  std::vector<gk::BwdJob> jobs;
   int64_t blocks = 0;
   for (size_t i = 0; i < xs.size(); ++i) {
     const int64_t n = xs[i].size(0), p = xs[i].size(1);
     out.push_back(at::empty({n, p}, xs[i].options().memory_format(at::MemoryFormat::Contiguous)));
     const int64_t nb = cdiv(n, gk::kTileM) * cdiv(p, gk::kTileN);
     if (nb == 0) continue;
-    gk::MixedJob J{};
+    gk::BwdJob J{};
     J.nterms = 1;
     J.a[0] = ms[i].data_ptr();
     J.lda[0] = n;
@@ -281,7 +283,7 @@ TensorList gram_backward(const TensorList& ms, const TensorList& xs) {
   append(bytes, jobs);
   Tensor desc = upload(bytes, device);
   CHECK_CUDA_CALL(gk::launch_gram_bwd(to_gk(dtype),
-                                      reinterpret_cast<const gk::MixedJob*>(desc.data_ptr<uint8_t>()),
+                                      reinterpret_cast<const gk::BwdJob*>(desc.data_ptr<uint8_t>()),
                                       static_cast<int>(jobs.size()), blocks,
                                       c10::cuda::getCurrentCUDAStream().stream()));
   return out;
@@ -322,7 +324,7 @@ std::tuple<TensorList, TensorList, TensorList, TensorList, TensorList> cross(con
     const int64_t tp = cdiv(p, gk::kTileM), tq = cdiv(q, gk::kTileM);
     auto job = [&](const Tensor& u, const Tensor& v, const Tensor& o, int32_t M, int32_t N,
                    int sym) {
-      gk::ProductJob J{};
+      gk::FwdJob J{};
       J.u = u.data_ptr();
       J.v = v.data_ptr();
       J.ldu = u.stride(0);
@@ -337,11 +339,11 @@ std::tuple<TensorList, TensorList, TensorList, TensorList, TensorList> cross(con
     };
     // The column sums of x' / y' ride on the symmetric jobs' first tile row (ti == 0 covers
     // every column once), so they are right even when the other side is empty (p or q == 0).
-    gk::ProductJob A = job(x, x, aa.back(), p, p, 1);
+    gk::FwdJob A = job(x, x, aa.back(), p, p, 1);
     A.sum_v = sx.back().data_ptr<float>();
     plan.jobs.push_back(A);
     plan.tiles.push_back(tp * (tp + 1) / 2);
-    gk::ProductJob B = job(y, y, bb.back(), q, q, 1);
+    gk::FwdJob B = job(y, y, bb.back(), q, q, 1);
     B.sum_v = sy.back().data_ptr<float>();
     plan.jobs.push_back(B);
     plan.tiles.push_back(tq * (tq + 1) / 2);
@@ -352,9 +354,9 @@ std::tuple<TensorList, TensorList, TensorList, TensorList, TensorList> cross(con
   size_t work_off = 0;
   Tensor desc = build_fwd(plan, device, &num_work, &work_off);
   const auto* base = desc.data_ptr<uint8_t>();
-  CHECK_CUDA_CALL(gk::launch_cross_fwd(to_gk(dtype), reinterpret_cast<const gk::ProductJob*>(base),
+  CHECK_CUDA_CALL(gk::launch_cross_fwd(to_gk(dtype), reinterpret_cast<const gk::FwdJob*>(base),
                                        static_cast<int>(plan.jobs.size()),
-                                       reinterpret_cast<const gk::ProductWork*>(base + work_off),
+                                       reinterpret_cast<const gk::FwdWork*>(base + work_off),
                                        num_work, c10::cuda::getCurrentCUDAStream().stream()));
   return {aa, bb, cc, sx, sy};
 }
@@ -390,14 +392,14 @@ TensorList cross_backward(const TensorList& xs, const TensorList& ms, const Tens
 
   const c10::cuda::CUDAGuard guard(device);
   TensorList out;
-  std::vector<gk::MixedJob> jobs;
+  std::vector<gk::BwdJob> jobs;
   int64_t blocks = 0;
   for (size_t i = 0; i < xs.size(); ++i) {
     const int64_t n = xs[i].size(0), p = xs[i].size(1), q = ys[i].size(1);
     out.push_back(at::empty({n, p}, xs[i].options().memory_format(at::MemoryFormat::Contiguous)));
     const int64_t nb = cdiv(n, gk::kTileM) * cdiv(p, gk::kTileN);
     if (nb == 0) continue;
-    gk::MixedJob J{};
+    gk::BwdJob J{};
     J.nterms = 2;
     J.a[0] = xs[i].data_ptr();
     J.lda[0] = xs[i].stride(0);
@@ -423,7 +425,7 @@ TensorList cross_backward(const TensorList& xs, const TensorList& ms, const Tens
   append(bytes, jobs);
   Tensor desc = upload(bytes, device);
   CHECK_CUDA_CALL(gk::launch_cross_bwd(to_gk(dtype),
-                                       reinterpret_cast<const gk::MixedJob*>(desc.data_ptr<uint8_t>()),
+                                       reinterpret_cast<const gk::BwdJob*>(desc.data_ptr<uint8_t>()),
                                        static_cast<int>(jobs.size()), blocks,
                                        c10::cuda::getCurrentCUDAStream().stream()));
   return out;

@@ -19,45 +19,21 @@ Exit codes: 0 all results match, 1 a mismatch, 2 cannot run here (no GPU / no ex
 from __future__ import annotations
 
 import argparse
+import pathlib
 import sys
 
 import torch
+
+# the tests' shared helpers: the row shift, the awkward layers set, the relative error
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tests"))
+from helpers import awkward_layers, sh  # noqa: E402
+from helpers import rel_or_abs as rel  # noqa: E402
 
 OPS = ("gram", "gram_backward", "cross", "cross_backward")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # relative Frobenius error vs fp64: fp32 products; outputs rounded to the activation dtype
 PROD_TOL = 2e-5
 OUT_TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
-
-
-def rel(got: torch.Tensor, want: torch.Tensor) -> float:
-    got, want = got.double(), want.double()
-    den = want.norm().item()
-    err = (got - want).norm().item()
-    return err / den if den > 0 else err
-
-
-def sh(t: torch.Tensor) -> torch.Tensor:
-    t = t.double()
-    return t - t[:1]
-
-
-def layers(dtype, g, dev: str):
-    r = lambda *s: torch.randn(*s, device=dev, generator=g).to(dtype)  # noqa: E731
-    return [
-        r(33, 200),
-        r(1, 37),
-        r(17, 1),
-        r(64, 64),
-        r(65, 129),
-        r(5, 0),
-        r(0, 7),
-        r(40, 19).T,  # (19, 40), column stride 19
-        r(21, 90)[:, ::3],  # (21, 30), column stride 3
-        r(50, 77)[3:40, 1:70],  # (37, 69), odd row stride
-        r(50, 80)[2:39, 1:70],  # (37, 69), base not 16-byte aligned
-        (torch.randn(48, 257, device=dev, generator=g) * 0.01 + 3.0).to(dtype),  # offset
-    ]
 
 
 def main(argv=None) -> int:
@@ -88,7 +64,7 @@ def main(argv=None) -> int:
     for dname in args.dtypes:
         dtype = DTYPES[dname]
         g = torch.Generator(device=dev).manual_seed(0)
-        base = layers(dtype, g, dev)
+        base = awkward_layers(dtype, g, dev, big=False)
         # Grams: + a long-p layer; feature-space products: + a long-n layer (split-K, atomics)
         xs = base + [torch.randn(24, args.long_p, device=dev, generator=g).to(dtype)]
         fx = base + [torch.randn(args.long_n, 70, device=dev, generator=g).to(dtype)]

@@ -130,7 +130,7 @@ if has_step test; then
     if [ -n "${GK_TEST_ARGS:-}" ]; then
         run_step test "$T_TEST" "$pt --junitxml='$JUNIT' $GK_TEST_ARGS"
     else
-        files="tests/test_cuda_backend.py tests/test_triton_backend.py tests/test_ops.py tests/test_gradcheck.py"
+        files="tests/test_cuda_backend.py tests/test_cuda_host_checks.py tests/test_triton_backend.py tests/test_triton_large_offset.py tests/test_op_gram.py tests/test_op_cross.py tests/test_op_gram_stats.py tests/test_op_procrustes.py tests/test_ops.py tests/test_gradcheck.py"
         ign=$(for f in $files; do printf -- '--ignore=%s ' "$f"; done)
         run_step test "$T_TEST" "
             $pt --junitxml='$JUNIT' $files

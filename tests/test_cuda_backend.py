@@ -1,17 +1,16 @@
-"""CUDA C++ backend (``guidance_kernels._C``, sources in ``csrc/``).
+"""CUDA C++ backend (``guidance_kernels._C``, sources in ``csrc/``), beyond the per-op checks
+(every primitive on awkward shapes: ``test_op_gram.py``, ``test_op_cross.py``) and the host
+API's argument checks (``test_cuda_host_checks.py``).
 
 Without a GPU (CI, the dev box) these tests check what can be checked on a CPU:
 * the extension was built by ``pip install`` wherever nvcc and a CUDA torch are present, and it
   imports (CI installs from a fresh clone, so a compile error fails the install itself);
-* the host API rejects CPU tensors, bad dtypes, bad ranks/shapes/strides and mismatched lists
-  with a clear message, before touching the device;
 * ``backend="cuda"`` on CPU tensors says clearly why it cannot run;
 * the Python glue (dtype grouping, fp64 -> reference, stride fixes, mixed-dtype pairs, result
   order) is right, run against a fake extension that computes with the reference backend, also
   through the torch.library ops (autograd, opcheck).
-The ``gpu`` tests run the kernels: every primitive on awkward shapes (odd sizes, n = 1, p = 1,
-empty, strided views, split-K and unsplit, a large common offset) and the canonical workloads
-W1-W5 (GUIDE §3) at full size, against fp64 in value and gradient, for float32, float16 and
+The ``gpu`` tests run the kernels: mixed dtype lists, the ops (autograd, opcheck, compile),
+and the canonical workloads W1-W5 (``bench/workloads.py``) at full size, against fp64 in value and gradient, for float32, float16 and
 bfloat16, plus fp32 CKA of deep-MLP activations with a large common offset vs fp64.
 Every product is of the row-shifted activation ``x' = x - 1 x[0]`` (backend contract), so the
 expected values are fp64 products of ``shifted(x)``.
@@ -32,41 +31,14 @@ from guidance_kernels.backends import get_backend, resolve_backend
 from guidance_kernels.backends import reference as ref
 from guidance_kernels.planning import acc_dtype
 
-from tolerance import frob_bound, rel
-
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-def prod_tol(k, dtype=torch.float32):
-    """Relative Frobenius error vs fp64 of the same (rounded) inputs for ``k``-term fp32 sums
-    (tests/tolerance.py: ``frob_bound``); ``dtype`` adds one rounding to it (a low-precision row
-    shift, or a backward's output rounded to the activation dtype)."""
-    return frob_bound(dtype, k)
-
-
-def fp64(t):
-    return t.detach().double()
-
-
-def shifted(t):
-    """fp64 ``t - 1 t[0]`` (each sample minus the first one), differentiable (no detach)."""
-    t = t.double()
-    return t - t[:1]
-
-
-def centered(t):
-    """fp64 ``t - 1 mean(t)``, differentiable: what the ops (centered outputs) are built from."""
-    t = t.double()
-    return t - t.mean(0, keepdim=True)
+from helpers import DTYPES, centered, cuda_ready, fp64, rel, shifted
+from helpers import cuda_prod_tol as prod_tol
 
 
 def _toolchain_present() -> bool:
     return torch.version.cuda is not None and (
         shutil.which("nvcc") is not None or bool(os.environ.get("CUDA_HOME"))
     )
-
-
-needs_ext = pytest.mark.skipif(cb._C is None, reason=f"extension not importable: {cb._IMPORT_ERROR}")
 
 
 # =========================================================================== CPU: build/import
@@ -123,88 +95,6 @@ def test_missing_extension_reason(monkeypatch):
     assert "not built" in cb.available(torch.device("cuda"))
     with pytest.raises(RuntimeError, match="not built"):
         cb.gram([torch.randn(3, 4)])
-
-
-# =========================================================================== CPU: host API checks
-@needs_ext
-class TestHostApiChecks:
-    """The extension's own argument checks; they run before any CUDA call, so CPU tensors reach
-    each of them (the device check comes last)."""
-
-    def test_empty_lists(self):
-        assert cb._C.gram([]) == []
-        assert cb._C.gram_backward([], []) == []
-        assert cb._C.cross([], []) == ([], [], [], [], [])
-        assert cb._C.cross_backward([], [], [], [], []) == []
-
-    def test_cpu_tensor(self):
-        with pytest.raises(RuntimeError, match=r"gram: xs\[0\] must be a CUDA tensor, got device cpu"):
-            cb._C.gram([torch.randn(4, 8)])
-        with pytest.raises(RuntimeError, match=r"cross: xs\[0\] must be a CUDA tensor"):
-            cb._C.cross([torch.randn(4, 8)], [torch.randn(4, 3)])
-        with pytest.raises(RuntimeError, match=r"gram_backward: xs\[0\] must be a CUDA tensor"):
-            cb._C.gram_backward([torch.randn(4, 4)], [torch.randn(4, 8)])
-        with pytest.raises(RuntimeError, match=r"cross_backward: xs\[0\] must be a CUDA tensor"):
-            cb._C.cross_backward(
-                [torch.randn(4, 8)], [torch.randn(8, 8)], [torch.randn(4, 3)], [torch.randn(3, 8)], [torch.randn(8)]
-            )
-
-    @pytest.mark.parametrize("dtype", [torch.float64, torch.int32, torch.bool, torch.complex64], ids=str)
-    def test_bad_dtype(self, dtype):
-        x = torch.zeros(4, 8, dtype=dtype)
-        with pytest.raises(RuntimeError, match=r"xs\[0\] has dtype .*float32, float16 or bfloat16"):
-            cb._C.gram([x])
-
-    def test_mixed_dtypes_in_one_call(self):
-        xs = [torch.randn(4, 8), torch.randn(4, 8).half()]
-        with pytest.raises(RuntimeError, match=r"xs\[1\] has dtype Half but the first tensor .* Float"):
-            cb._C.gram(xs)
-        with pytest.raises(RuntimeError, match=r"ys\[0\] has dtype BFloat16"):
-            cb._C.cross([torch.randn(4, 8)], [torch.randn(4, 8).bfloat16()])
-
-    @pytest.mark.parametrize("shape", [(8,), (2, 3, 4), ()])
-    def test_bad_rank(self, shape):
-        with pytest.raises(RuntimeError, match=r"xs\[0\] must be 2-D"):
-            cb._C.gram([torch.zeros(shape)])
-
-    def test_bad_strides(self):
-        x = torch.randn(8, 6).T  # (6, 8) with column stride 6
-        with pytest.raises(RuntimeError, match=r"xs\[0\] must have unit stride along its last dimension"):
-            cb._C.gram([x])
-        y = torch.randn(1, 8).expand(4, 8)  # rows overlap (row stride 0)
-        with pytest.raises(RuntimeError, match=r"xs\[0\] has overlapping rows"):
-            cb._C.gram([y])
-
-    def test_list_lengths(self):
-        with pytest.raises(RuntimeError, match=r"ms and xs must have the same length, got 2 and 1"):
-            cb._C.gram_backward([torch.randn(4, 4)] * 2, [torch.randn(4, 8)])
-        with pytest.raises(RuntimeError, match=r"xs and ys must have the same length"):
-            cb._C.cross([torch.randn(4, 8)], [])
-        with pytest.raises(RuntimeError, match=r"xs and vs must have the same length"):
-            cb._C.cross_backward(
-                [torch.randn(4, 8)], [torch.randn(8, 8)], [torch.randn(4, 3)], [torch.randn(3, 8)], []
-            )
-
-    def test_gram_backward_factor(self):
-        x = torch.randn(4, 8)
-        with pytest.raises(RuntimeError, match=r"ms\[0\] must have shape \[4, 4\], got \[4, 5\]"):
-            cb._C.gram_backward([torch.randn(4, 5)], [x])
-        with pytest.raises(RuntimeError, match=r"ms\[0\] must be float32, got Double"):
-            cb._C.gram_backward([torch.randn(4, 4, dtype=torch.float64)], [x])
-        with pytest.raises(RuntimeError, match=r"ms\[0\] must be contiguous"):
-            cb._C.gram_backward([torch.randn(8, 4)[::2]], [x])
-
-    def test_cross_shapes(self):
-        with pytest.raises(RuntimeError, match=r"xs\[0\] and ys\[0\] must have the same number of rows"):
-            cb._C.cross([torch.randn(4, 8)], [torch.randn(5, 3)])
-        x, y = torch.randn(4, 8), torch.randn(4, 3)
-        m, n, v = torch.randn(8, 8), torch.randn(3, 8), torch.randn(8)
-        with pytest.raises(RuntimeError, match=r"ns\[0\] must have shape \[3, 8\], got \[8, 3\]"):
-            cb._C.cross_backward([x], [m], [y], [n.T.contiguous()], [v])
-        with pytest.raises(RuntimeError, match=r"vs\[0\] must have shape \[8\]"):
-            cb._C.cross_backward([x], [m], [y], [n], [torch.randn(3)])
-        with pytest.raises(RuntimeError, match=r"ms\[0\] must have shape \[8, 8\]"):
-            cb._C.cross_backward([x], [torch.randn(3, 3)], [y], [n], [v])
 
 
 # =========================================================================== CPU: Python glue
@@ -324,121 +214,7 @@ def test_glue_through_ops_autograd_and_opcheck(fake_ext):
 
 
 # =========================================================================== GPU
-gpu_ready = pytest.mark.skipif(
-    cb._C is None or not torch.cuda.is_available() or cb.available(torch.device("cuda")) is not None,
-    reason="needs the built extension and an sm_80+ CUDA device",
-)
-
-
-def _gpu_layers(dtype, seed=0):
-    """Awkward layers: odd n and p, n = 1, p = 1, one full 64-tile, just over a tile, empty
-    features, zero rows, non-contiguous views (column-strided, row-sliced with odd row stride,
-    storage offset making the base unaligned), and one long layer that forces split-K."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    r = lambda *s: torch.randn(*s, device="cuda", generator=g).to(dtype)  # noqa: E731
-    return [
-        r(33, 200),
-        r(1, 37),
-        r(17, 1),
-        r(64, 64),
-        r(65, 129),
-        r(130, 1000),
-        r(5, 0),
-        r(0, 7),
-        r(40, 19).T,  # (19, 40), column stride 19
-        r(21, 90)[:, ::3],  # (21, 30), column stride 3
-        r(50, 77)[3:40, 1:70],  # (37, 69), odd row stride 77 (scalar loads)
-        r(50, 80)[2:39, 1:70],  # (37, 69), row stride 80 but base not 16-byte aligned
-        # large common offset (deep-layer-like): x' is exact in bf16/fp16 (Sterbenz), so the
-        # 16-bit kernels take the K steps without lo products; fp32 CKA depends on the shift
-        (torch.randn(48, 257, device="cuda", generator=g) * 0.01 + 3.0).to(dtype),
-        r(96, 70_001),  # many K splits (atomics)
-    ]
-
-
-def _gpu_partner(x, q, dtype, g):
-    return torch.randn(x.shape[0], q, device="cuda", generator=g).to(dtype)
-
-
-@pytest.mark.gpu
-@gpu_ready
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_gpu_gram(dtype):
-    xs = _gpu_layers(dtype)
-    got = cb.gram(xs)
-    for k, x in zip(got, xs):
-        assert k.dtype == torch.float32 and k.shape == (x.shape[0], x.shape[0])
-        want = shifted(x) @ shifted(x).T
-        if want.numel() and want.norm() > 0:
-            assert rel(k, want) <= prod_tol(x.shape[1], x.dtype), x.shape
-        else:
-            # p == 0 or n == 1 (x' = 0): exact zeros, not NaN (outputs are NaN-poisoned)
-            assert torch.all(k == 0)
-    # mirrored off-diagonal tiles and the diagonal tiles: symmetric to rounding
-    for k in got:
-        if k.numel() and k.norm() > 0:
-            assert rel(k, k.T) <= frob_bound(torch.float32, 1)  # mirrored: equal up to a rounding
-
-
-@pytest.mark.gpu
-@gpu_ready
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_gpu_gram_backward(dtype):
-    xs = _gpu_layers(dtype, seed=1)
-    g = torch.Generator(device="cuda").manual_seed(2)
-    ms = [torch.randn(x.shape[0], x.shape[0], device="cuda", generator=g) for x in xs]
-    for d, m, x in zip(cb.gram_backward(ms, xs), ms, xs):
-        assert d.dtype == dtype and d.shape == x.shape and d.is_contiguous()
-        if d.numel():
-            want = fp64(m) @ shifted(x)
-            if want.norm() > 0:
-                assert rel(d, want) <= prod_tol(x.shape[0], dtype), x.shape
-            else:
-                assert torch.all(d == 0), x.shape  # n == 1: x' = 0
-
-
-@pytest.mark.gpu
-@gpu_ready
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_gpu_cross(dtype):
-    g = torch.Generator(device="cuda").manual_seed(4)
-    xs = [x for x in _gpu_layers(dtype, seed=3) if x.shape[1] < 5000]
-    xs.append(torch.randn(5000, 70, device="cuda", generator=g).to(dtype))  # long n: split-K
-    qs = [3, 64, 65, 1, 130, 0, 33, 9, 200, 31, 7, 5, 70, 33]
-    assert len(qs) == len(xs)
-    ys = [_gpu_partner(x, q, dtype, g) for x, q in zip(xs, qs)]
-    ys[-2] = ys[-2] - 7.0  # the offset layer's partner gets an offset of its own
-    outs = cb.cross(xs, ys)
-    for i, (x, y) in enumerate(zip(xs, ys)):
-        X, Y = shifted(x), shifted(y)
-        want = (X.T @ X, Y.T @ Y, X.T @ Y, X.sum(0), Y.sum(0))
-        for k in range(5):
-            o = outs[k][i]
-            assert o.dtype == torch.float32 and o.shape == want[k].shape
-            if want[k].numel() and want[k].norm() > 0:
-                assert rel(o, want[k]) <= prod_tol(x.shape[0], dtype), (i, k, x.shape, y.shape)
-            else:
-                assert torch.all(o == 0), (i, k)
-
-
-@pytest.mark.gpu
-@gpu_ready
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_gpu_cross_backward(dtype):
-    g = torch.Generator(device="cuda").manual_seed(5)
-    xs = [x for x in _gpu_layers(dtype, seed=6) if x.shape[1] < 5000]
-    qs = [3, 64, 65, 1, 130, 0, 33, 9, 200, 31, 7, 5, 70]
-    assert len(qs) == len(xs)
-    ys = [_gpu_partner(x, q, dtype, g) for x, q in zip(xs, qs)]
-    f = lambda *s: torch.randn(*s, device="cuda", generator=g)  # noqa: E731
-    ms = [f(x.shape[1], x.shape[1]) for x in xs]
-    ns = [f(y.shape[1], x.shape[1]) for x, y in zip(xs, ys)]
-    vs = [f(x.shape[1]) for x in xs]
-    for d, x, m, y, n, v in zip(cb.cross_backward(xs, ms, ys, ns, vs), xs, ms, ys, ns, vs):
-        assert d.dtype == dtype and d.shape == x.shape
-        if d.numel():
-            want = shifted(x) @ fp64(m) + shifted(y) @ fp64(n) + fp64(v)
-            assert rel(d, want) <= prod_tol(x.shape[1] + y.shape[1] + 1, dtype), (x.shape, y.shape)
+gpu_ready = cuda_ready()
 
 
 @pytest.mark.gpu

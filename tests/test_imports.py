@@ -19,13 +19,15 @@ EXTENSIONS = {f"{PKG}._C"}
 
 # lowest first; a module may import modules of its own layer or below, never above
 LAYERS = [
-    ["_checks", "planning", "metrics", "kernels", "files"],
+    ["_checks", "planning", "metrics", "kernels", "data", "files"],
     ["backends"],
     ["ops", "feature_debiased"],
     ["functional"],
     ["nn"],
+    ["truth", "peer_adapters"],  # the bench's and the peer comparison's fp64 truth and peers
     [""],  # the package root, guidance_kernels/__init__.py
     ["train"],
+    ["integrations"],  # Lightning / Hugging Face trainers, over train
     ["similarity", "bench"],
     ["commands"],
     ["cli", "__main__"],
@@ -99,7 +101,7 @@ def test_graph_sees_function_level_and_relative_imports():
     # lazy (function-level) import of the measured dispatch table in backends/__init__.py
     assert f"{PKG}.backends.dispatch" in g[f"{PKG}.backends"]
     assert f"{PKG}.planning" in g[f"{PKG}.functional"]
-    assert f"{PKG}.train.demo" in g[f"{PKG}.commands.demo"]  # imported inside the command
+    assert f"{PKG}.train.experiments.main" in g[f"{PKG}.commands.demo"]  # imported inside the command
 
 
 def test_no_import_cycle():
@@ -146,3 +148,20 @@ def test_every_call_path_stays_clear_of_the_measured_dispatch():
                 assert name in allowed, f"{name} imports backends.dispatch at module level"
             if isinstance(node, ast.ImportFrom) and node.module == f"{PKG}.backends":
                 assert "dispatch" not in {a.name for a in node.names}, name
+
+
+def test_a_call_does_not_load_the_measured_dispatch():
+    """At run time too: importing the package and computing a loss (``backend="auto"``, CPU)
+    leaves ``backends.dispatch`` and its json table unloaded."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch, guidance_kernels as gk\n"
+        "x, y = torch.randn(8, 5, requires_grad=True), torch.randn(8, 3)\n"
+        "gk.guidance_loss([x], [y]).backward()\n"
+        "print('guidance_kernels.backends.dispatch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"

@@ -60,7 +60,7 @@ def test_cli_self_map_and_checkpoints(tmp_path):
                             f"deep_fcn(depth=5)@{tmp_path / 'trainer_ckpt.pt'}")):
         out = tmp_path / f"o{len(outs)}"
         r = _run("-a", spec_a, "-b", spec_b, "--data", str(tmp_path / "data.pt"), "--batch-size", "25",
-                 "--layers-a", "Linear", "--out", str(out))
+                 "--layers-a", "Linear", "--out", str(out), "--trust-pickle")
         assert r.exit_code == 0, r.output
         m = np.load(out / "cka.npy")
         assert m.shape == (5, 5) and np.array_equal(m, m.T) and np.array_equal(np.diag(m), np.ones(5))
@@ -83,7 +83,7 @@ def test_cli_errors_are_clear(tmp_path):
              "--limit", "64", "--out", str(tmp_path))
     assert r.exit_code == 2 and "'fc9' matches no module" in r.output
     r = _run("--batch-size", "3", "--limit", "64", "--out", str(tmp_path))
-    assert r.exit_code == 2 and ">= 4" in r.output
+    assert r.exit_code == 2 and "--batch-size" in r.output
     torch.save({"w": torch.zeros(1)}, tmp_path / "sd.pt")
     r = _run("-a", str(tmp_path / "sd.pt"), "--out", str(tmp_path))
     assert r.exit_code == 2 and "ARCH@" in r.output

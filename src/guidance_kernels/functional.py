@@ -26,6 +26,7 @@ from guidance_kernels.planning import (
     choose_form,
     group_by,
     no_autocast,
+    promoted_dtype,
     score_dtype,
     shape_class,
     unique,
@@ -71,7 +72,7 @@ def _take(tables: dict, where: list, idx: Sequence[int]) -> Tensor:
         if rows == list(range(rows[0], rows[0] + len(rows))):
             return table[rows[0] : rows[0] + len(rows)]
         return torch.stack([table[r] for r in rows])
-    dtype = torch.float64 if any(k[1] == torch.float64 for k in keys) else torch.float32
+    dtype = promoted_dtype(k[1] for k in keys)
     return torch.stack([tables[where[i][0]][where[i][1]].to(dtype) for i in idx])
 
 

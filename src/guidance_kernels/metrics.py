@@ -3,7 +3,7 @@
 Everything here is ``O(n^2)`` (or ``O(p q)``) plain PyTorch on the outputs of the heavy ops in
 :mod:`guidance_kernels.ops` (centered Grams ``Kc = H X Xᵀ H``, or centered feature-space
 products), batched over a leading layer dimension and differentiable: autograd turns
-``d score / d Kc`` into the ``G`` of GUIDE §2; the op's backward does ``dX = 2 G X``.
+``d score / d Kc`` into the ``dK`` the op's backward consumes (``docs/design.md``).
 
 Numerics and degenerate input (documented behaviour):
 

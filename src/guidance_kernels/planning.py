@@ -9,7 +9,7 @@ This module sits below every other module of the package and imports none of the
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Hashable, Optional, Sequence
+from typing import Callable, Hashable, Iterable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -17,6 +17,7 @@ from torch import Tensor
 __all__ = [
     "acc_dtype",
     "score_dtype",
+    "promoted_dtype",
     "no_autocast",
     "choose_form",
     "group_by",
@@ -34,9 +35,15 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def promoted_dtype(dtypes: Iterable[torch.dtype]) -> torch.dtype:
+    """fp64 if any of ``dtypes`` is fp64, else fp32: the one rule for results built from mixed
+    inputs (scores, stacked Grams)."""
+    return torch.float64 if any(d == torch.float64 for d in dtypes) else torch.float32
+
+
 def score_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
     """Dtype of returned scores: fp64 if any input is fp64, else fp32."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    return promoted_dtype(t.dtype for t in tensors)
 
 
 def no_autocast(device: torch.device | str):

@@ -1,4 +1,5 @@
-"""Backend registry: the one dispatch point for the heavy, activation-sized work.
+"""Backend registry: the one dispatch point for the heavy, activation-sized work. The contract
+(products, formulas, how a backend plugs in) is in ``docs/design.md``.
 
 Every metric in this package (CKA, debiased CKA, Procrustes, CKA matrices) is computed from a
 few *bilinear products* of the activations, plus small ``n x n`` / ``p x q`` math that is

@@ -1,4 +1,4 @@
-"""Bench suite: the canonical workloads W1–W5 (GUIDE §3) against eager, torch.compile, the paper's
+"""Bench suite: the canonical workloads W1–W5 (``workloads.py``) against eager, torch.compile, the paper's
 formulation and PyPI peers, as a percent of the device floor. See ``bench/README.md``.
 
 >>> from guidance_kernels.bench import BenchConfig, run_bench  # doctest: +SKIP

@@ -1,4 +1,5 @@
-"""Every implementation the bench times, in ONE place, plus the fp64 truth they are checked against.
+"""Every implementation the bench times, in ONE place (the fp64 truth they are checked against is
+``guidance_kernels.truth.loss_and_grad``; the peers' adapters are in ``peer_adapters.py``).
 
 An implementation computes the guidance loss ``sum_l (1 - CKA(X_l, Y_l))`` of a workload's pairs
 (activations ``(n, *shape)``, flattened per sample) and returns a 0-dim tensor:
@@ -6,7 +7,7 @@ An implementation computes the guidance loss ``sum_l (1 - CKA(X_l, Y_l))`` of a 
 * ``gk:<backend>``: this package, ``guidance_kernels.guidance_loss(..., backend=<backend>)``,
   one row per backend available on the device.
 * ``eager``: a per-layer PyTorch loop of the same math: cast to fp32, centre the columns (a
-  centred copy per layer), the cheaper of the sample / feature forms per pair (GUIDE §2).
+  centred copy per layer), the cheaper of the sample / feature forms per pair (``docs/design.md``, cost model).
 * ``torch.compile``: the same functions through ``torch.compile`` (scope ``pair``: each per-pair
   function compiled once with dynamic shapes; scope ``loss``: the whole loop, per workload).
 * ``paper``: the paper code's formulation: fp32, six Gram matrices per pair and an explicit
@@ -20,70 +21,15 @@ An implementation computes the guidance loss ``sum_l (1 - CKA(X_l, Y_l))`` of a 
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import importlib.util
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
 from guidance_kernels.bench.workloads import Workload, choose_form
+from guidance_kernels.peer_adapters import PEERS, Peer
 
 LossFn = Callable[[list[Tensor], list[Tensor]], Tensor]
-
-
-# =========================================================================== fp64 truth
-def _flat64(t: Tensor) -> Tensor:
-    return t.flatten(1).double()
-
-
-def _cka64(x: Tensor, y: Tensor) -> Tensor:
-    n, p = x.shape
-    q = y.shape[1]
-    x = x - x.mean(0)
-    y = y - y.mean(0)
-    if choose_form(n, p, q) == "feature":
-        s = (x.T @ y).square().sum()
-        a = torch.linalg.matrix_norm(x.T @ x)
-        b = torch.linalg.matrix_norm(y.T @ y)
-    else:
-        k, l_ = x @ x.T, y @ y.T
-        s = (k * l_).sum()
-        a, b = torch.linalg.matrix_norm(k), torch.linalg.matrix_norm(l_)
-    return s / (a * b)
-
-
-def _hsic_u64(k: Tensor, l_: Tensor) -> Tensor:
-    """Debiased HSIC (Song et al. 2012), GUIDE §2, fp64."""
-    n = k.shape[0]
-    k = k - torch.diag(torch.diagonal(k))
-    l_ = l_ - torch.diag(torch.diagonal(l_))
-    tr_kl = (k * l_.T).sum()  # tr(K L), without the n³ product
-    sum_kl = k.sum(0) @ l_.sum(1)  # 1ᵀ K L 1
-    return (tr_kl + k.sum() * l_.sum() / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * sum_kl) / (n * (n - 3))
-
-
-def _debiased_cka64(x: Tensor, y: Tensor) -> Tensor:
-    k, l_ = x @ x.T, y @ y.T
-    return _hsic_u64(k, l_) / torch.sqrt(_hsic_u64(k, k) * _hsic_u64(l_, l_))
-
-
-def truth(
-    xs: list[Tensor], ys: list[Tensor], metric: str = "cka", grad: bool = False
-) -> tuple[float, Optional[list[Tensor]]]:
-    """fp64 loss ``sum (1 - score)`` on the same inputs and, if ``grad``, fp64 d loss / d xs."""
-    f = _cka64 if metric == "cka" else _debiased_cka64
-    total = 0.0
-    grads = [] if grad else None
-    for x, y in zip(xs, ys):
-        x64 = _flat64(x.detach()).requires_grad_(grad)
-        with torch.enable_grad() if grad else torch.no_grad():
-            v = 1.0 - f(x64, _flat64(y.detach()))
-        total += float(v.detach())
-        if grad:
-            (g,) = torch.autograd.grad(v, x64)
-            grads.append(g.reshape(x.shape))
-    return total, grads
 
 
 # =========================================================================== eager / compile
@@ -175,69 +121,6 @@ def paper_loss(xs: list[Tensor], ys: list[Tensor]) -> Tensor:
     return total
 
 
-# =========================================================================== peers
-def _ckatorch_loss(xs, ys):
-    import ckatorch
-
-    total = 0.0
-    for x, y in zip(xs, ys):
-        total = total + (1.0 - ckatorch.cka_base(x.flatten(1), y.flatten(1)))
-    return torch.as_tensor(total)
-
-
-def _pytorch_cka_loss(xs, ys):
-    import cka  # the module of the pytorch-cka distribution
-
-    total = 0.0
-    for x, y in zip(xs, ys):
-        total = total + (1.0 - cka.cka_from_features(_flat32(x), _flat32(y))[0, 0])
-    return torch.as_tensor(total)
-
-
-class _Emit(torch.nn.Module):
-    """A 'model' whose layer ``f`` outputs a stored activation (torch-cka only takes models)."""
-
-    def __init__(self, act: Tensor):
-        super().__init__()
-        self.act = act
-        self.f = torch.nn.Identity()
-
-    def forward(self, _):
-        return self.f(self.act)
-
-
-class _OneBatch:
-    def __init__(self, batch):
-        self.dataset = "bench-activations"
-        self._batch = batch
-
-    def __len__(self):
-        return 1
-
-    def __iter__(self):
-        return iter([self._batch])
-
-
-def _torch_cka_loss(xs, ys):
-    import contextlib
-    import io
-    import warnings
-
-    from torch_cka import CKA
-
-    total = 0.0
-    dev = str(xs[0].device)
-    loader = _OneBatch((torch.zeros(1, device=xs[0].device),))
-    # torch-cka draws a tqdm bar per compare(): silence it (stderr) and its warnings.
-    with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
-        warnings.simplefilter("ignore")
-        for x, y in zip(xs, ys):
-            m = CKA(_Emit(_flat32(x)), _Emit(_flat32(y)), "target", "guide", ["f"], ["f"], device=dev)
-            m.compare(loader, loader)
-            total += 1.0 - float(m.hsic_matrix[0, 0])
-    return torch.tensor(total)
-
-
 # =========================================================================== registry
 @dataclasses.dataclass
 class Impl:
@@ -281,19 +164,10 @@ def _n3_flops(w: Workload, grams: int, n3: int) -> float:
     return sum(2.0 * n * n * (p + q) * grams / 2 + 2.0 * n**3 * n3 for n, p, q in w.dims())
 
 
-def _peer(name: str, module: str, metric: str, fn: LossFn, est, note: str, attr: str, est_dtype="best") -> Impl:
-    def why(device: torch.device) -> Optional[str]:
-        if importlib.util.find_spec(module) is None:
-            return f"not installed (pip install {name})"
-        try:
-            mod = importlib.import_module(module)
-        except Exception as e:  # noqa: BLE001
-            return f"import failed: {type(e).__name__}: {e}"
-        if not hasattr(mod, attr):
-            return f"module {module!r} has no {attr!r}: not the {name} distribution"
-        return None
-
-    return Impl(name, "peer", metric, False, lambda w, o: fn, why, est, package=name, note=note, est_dtype=est_dtype)
+def _peer(peer: Peer, est) -> Impl:
+    return Impl(peer.dist, "peer", peer.metric, False, lambda w, o: peer.pair_loss,
+                lambda device: peer.why_unavailable(), est, package=peer.dist, note=peer.note,
+                est_dtype="float64" if peer.dist == "ckatorch" else "best")
 
 
 def implementations(backends: Optional[list[str]] = None) -> list[Impl]:
@@ -325,12 +199,9 @@ def implementations(backends: Optional[list[str]] = None) -> list[Impl]:
             est_flops=lambda w: _n3_flops(w, grams=6, n3=12),
             note="six Grams + explicit H K H per pair, fp32",
         ),
-        _peer("ckatorch", "ckatorch", "cka", _ckatorch_loss, lambda w: _n3_flops(w, 2, 0),
-              "ckatorch.cka_base per pair (fp64 inside)", "cka_base", "float64"),
-        _peer("pytorch-cka", "cka", "debiased_cka", _pytorch_cka_loss, lambda w: _n3_flops(w, 2, 0),
-              "cka.cka_from_features per pair (debiased)", "cka_from_features"),
-        _peer("torch-cka", "torch_cka", "debiased_cka", _torch_cka_loss, lambda w: _n3_flops(w, 3, 3),
-              "torch_cka.CKA.compare per pair (debiased)", "CKA"),
+        _peer(PEERS["ckatorch"], lambda w: _n3_flops(w, 2, 0)),
+        _peer(PEERS["pytorch-cka"], lambda w: _n3_flops(w, 2, 0)),
+        _peer(PEERS["torch-cka"], lambda w: _n3_flops(w, 3, 3)),
     ]  # fmt: skip
     return impls
 
@@ -347,7 +218,6 @@ def est_seconds(impl: Impl, w: Workload, matmul_flops_per_s: float, rates: Optio
 __all__ = [
     "Impl",
     "implementations",
-    "truth",
     "eager_loss",
     "compiled_loss",
     "paper_loss",

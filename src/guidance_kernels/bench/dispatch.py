@@ -16,6 +16,7 @@ import json
 import pathlib
 from typing import Optional
 
+from guidance_kernels import files
 from guidance_kernels.backends.dispatch import TABLE, load_table
 from guidance_kernels.planning import shape_class_of
 from guidance_kernels.bench.workloads import get_workloads
@@ -64,7 +65,7 @@ def update_table(result_path: str, table_path: Optional[str] = None) -> dict:
         "dtype": meta.get("dtype"),
         "torch": meta.get("torch"),
     }
-    path.write_text(json.dumps(table, indent=2) + "\n")
+    files.write_json(path, table, indent=2)
     load_table.cache_clear()
     return classes
 

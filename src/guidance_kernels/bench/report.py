@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import csv
-import json
 import math
 from pathlib import Path
 from typing import Optional
+
+from guidance_kernels import files
 
 CSV_FIELDS = [
     "date", "device", "device_name", "dtype", "scale", "workload", "shapes", "impl", "kind", "metric",
@@ -146,12 +147,12 @@ def markdown_table(result: dict) -> str:
 
 
 def write_json(result: dict, path: Path) -> None:
-    path.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    files.write_json(path, result, indent=1)
 
 
 def write_csv(result: dict, path: Path) -> None:
     m = result["meta"]
-    with path.open("w", newline="") as f:
+    with files.atomic_write(path) as tmp, tmp.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
         w.writeheader()
         for r in result["records"]:
@@ -218,8 +219,10 @@ def write_png(result: dict, path: Path) -> None:
         fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 8), frameon=False)
     fig.suptitle(_title(result), fontsize=10)
     fig.tight_layout(rect=(0, 0.06, 1, 0.96))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        files.save_figure(fig, path, dpi=110)
+    finally:
+        plt.close(fig)
 
 
 def write_all(result: dict, out: Path) -> list[Path]:

@@ -1,4 +1,4 @@
-"""The canonical bench workloads W1–W5 (GUIDE §3), the only place their sizes live.
+"""The canonical bench workloads W1–W5, the only place their sizes live.
 
 A workload is ``n`` samples and a list of layer pairs, each pair a per-sample activation shape for
 the target and one for the guide. ``Workload.scaled(s)`` shrinks it for ``--quick``: ``n`` and the

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import typer
 import torch
+
+from guidance_kernels.commands.options import device_option_no_auto
 from rich.console import Console
 from rich.table import Table
 
@@ -16,8 +18,9 @@ def _fp64_cka(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def command(
-    device: str = typer.Option("cpu", help="Device to run on (cpu, cuda)."),
-    n: int = typer.Option(64, help="Samples per representation."),
+    device: str = typer.Option("cpu", help="Device to run on (cpu, cuda, cuda:N).",
+                               callback=device_option_no_auto),
+    n: int = typer.Option(64, min=4, help="Samples per representation (>= 4)."),
     seed: int = typer.Option(0, help="Random seed."),
 ) -> None:
     """Print CKA of a few representations per backend, next to an fp64 reference."""

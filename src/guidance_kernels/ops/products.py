@@ -1,4 +1,5 @@
-"""The four heavy ops, registered with ``torch.library`` with fakes and autograd.
+"""The four heavy ops, registered with ``torch.library`` with fakes and autograd (the contract:
+``docs/design.md``).
 
 Each op takes a whole *group* of layers that share their shapes' sample count (and, for
 ``cross``, their feature sizes) and returns the group's results *stacked*, so that every step

@@ -1,7 +1,7 @@
 """``guidance_kernels::gram_stats``: the statistics linear CKA needs from stacked centered Grams,
 ``(P, n, n)`` each -> ``(P, 5)`` fp64 ``(Σ K∘L, Σ K∘K, Σ L∘L, tr K, tr L)``, in one backend call
 (one kernel launch on the Triton backend, where the torch formulation takes about 40 small ones).
-:func:`guidance_kernels.metrics.cka_from_stats` turns them into CKA.
+:func:`guidance_kernels.metrics.cka_from_stats` turns them into CKA. Contract: ``docs/design.md``.
 
 Backward: ``dK = g₀ L + 2 g₁ K + g₃ I``, ``dL = g₀ K + 2 g₂ L + g₄ I``, computed in fp64 and
 rounded to the Grams' dtype (plain torch ops, so double backward works).

@@ -10,6 +10,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from guidance_kernels.files import save_figure
+
 __all__ = ["plot_heatmap", "plot_before_after"]
 
 
@@ -93,7 +95,7 @@ def plot_heatmap(
     ax.set_ylabel(f"{name_a} layers", fontsize=10)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03, label="CKA")
     fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
+    save_figure(fig, path, dpi=dpi)
     return path
 
 
@@ -119,5 +121,5 @@ def plot_before_after(before, after, rows, cols, path, *, name_a="guide", name_b
     if title:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
+    save_figure(fig, path, dpi=dpi)
     return path

@@ -8,11 +8,15 @@ Model specs (``load_model``):
 * ``package.module:callable`` or ``package.module:callable(k=v, ...)``: a callable returning an
   ``nn.Module`` (a class or a factory); a ``path/to/file.py:callable`` works too;
 * a checkpoint file (``.pt``/``.pth``/``.ckpt``): either a whole pickled ``nn.Module``
-  (``torch.save(model, path)``), or ``ARCH@PATH`` where ``ARCH`` is any spec above and ``PATH``
-  holds a state dict or the trainer's checkpoint (``{"model": state_dict, ...}``).
+  (``torch.save(model, path)``; only with ``trust_pickle=True``, see below), or ``ARCH@PATH``
+  where ``ARCH`` is any spec above and ``PATH`` holds a state dict or the trainer's checkpoint
+  (``{"model": state_dict, ...}``).
 
-Checkpoints are loaded with ``weights_only=False`` for whole modules (that runs pickled code:
-load only files you trust) and ``weights_only=True`` for state dicts.
+Safety: state dicts, trainer checkpoints and tensor files load with ``weights_only=True`` (a
+crafted file cannot run code). A whole pickled module can only be loaded with
+``weights_only=False``, which **runs code stored in the file**: it is refused unless
+``trust_pickle=True`` (CLI: ``--trust-pickle``); pass it only for files you trust. Unreadable,
+empty or corrupt files raise :class:`~guidance_kernels.files.FileLoadError` naming the file.
 
 Dataset specs (``load_inputs``): ``digits`` (scikit-learn's bundled digits, standardised, all
 1797 images as ``(N, 1, 8, 8)``), ``digits-train`` / ``digits-test`` (the demo's split), or a
@@ -30,6 +34,8 @@ from typing import Optional
 
 import torch
 from torch import nn
+
+from guidance_kernels.files import FileLoadError, load_torch
 
 __all__ = ["load_model", "load_inputs", "parse_call"]
 
@@ -108,22 +114,35 @@ def _state_dict(obj) -> dict:
     raise ValueError("the checkpoint holds neither a state dict nor a {'model': state_dict} checkpoint")
 
 
-def load_model(spec: str, *, seed: Optional[int] = 0, map_location: str = "cpu") -> nn.Module:
+def load_model(spec: str, *, seed: Optional[int] = 0, map_location: str = "cpu",
+               trust_pickle: bool = False) -> nn.Module:
     """An ``nn.Module`` from a spec (see module doc). ``seed`` makes built-in / callable
-    initialisations reproducible (ignored for checkpoints of whole modules)."""
+    initialisations reproducible (ignored for checkpoints of whole modules). ``trust_pickle``
+    allows whole pickled modules, which run code from the file: trusted files only."""
     spec = spec.strip()
     if "@" in spec:
         arch, path = spec.rsplit("@", 1)
         model = _build(arch, seed)
         if not os.path.exists(path):
             raise FileNotFoundError(f"no checkpoint {path!r}")
-        state = _state_dict(torch.load(path, map_location=map_location, weights_only=True))
-        model.load_state_dict(state)
+        state = load_torch(path, map_location=map_location, check=_state_dict)
+        model.load_state_dict(_state_dict(state))
         return model
     if spec.lower().endswith(_CKPT_EXT):
         if not os.path.exists(spec):
             raise FileNotFoundError(f"no checkpoint {spec!r}")
-        obj = torch.load(spec, map_location=map_location, weights_only=False)
+        if trust_pickle:
+            obj = _load_trusted_pickle(spec, map_location)
+        else:
+            try:
+                obj = load_torch(spec, map_location=map_location)
+            except FileLoadError as e:
+                if "weights_only" not in str(e):
+                    raise
+                raise FileLoadError(
+                    f"{spec}: holds pickled objects (e.g. a whole nn.Module), which load only by "
+                    f"running code from the file; if you trust it, pass --trust-pickle "
+                    f"(trust_pickle=True), else save a state dict and use 'ARCH@{spec}'") from e
         if isinstance(obj, nn.Module):
             return obj
         raise ValueError(
@@ -134,8 +153,19 @@ def load_model(spec: str, *, seed: Optional[int] = 0, map_location: str = "cpu")
     return _build(spec, seed)
 
 
+def _load_trusted_pickle(path: str, map_location):
+    """``torch.load(weights_only=False)``: RUNS CODE from the file. Trusted files only."""
+    if os.path.getsize(path) == 0:
+        raise FileLoadError(f"{path}: empty file (0 bytes)")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure: name the file
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise FileLoadError(f"{path}: cannot load the pickled module: {first}") from e
+
+
 def _digits(which: str) -> torch.Tensor:
-    from guidance_kernels.train.demo import load_digits_tensors
+    from guidance_kernels.data import load_digits_tensors
 
     (xtr, _), (xte, _) = load_digits_tensors()
     if which == "train":
@@ -155,9 +185,17 @@ def load_inputs(spec: str = "digits", *, limit: Optional[int] = None) -> torch.T
     elif s.lower().endswith(".npy"):
         import numpy as np
 
-        x = torch.from_numpy(np.load(s))
+        if not os.path.isfile(s):
+            raise FileNotFoundError(f"no data file {s!r}")
+        try:
+            arr = np.load(s, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:
+            raise FileLoadError(f"{s}: not a readable .npy array: {e}") from e
+        if arr.dtype.kind not in "biuf":
+            raise ValueError(f"{s!r}: inputs must be numbers, got a {arr.dtype} array")
+        x = torch.from_numpy(arr)
     elif s.lower().endswith(_CKPT_EXT):
-        obj = torch.load(s, map_location="cpu", weights_only=True)
+        obj = load_torch(s, map_location="cpu")
         if isinstance(obj, torch.Tensor):
             x = obj
         elif isinstance(obj, (tuple, list)) and obj and isinstance(obj[0], torch.Tensor):
@@ -171,10 +209,16 @@ def load_inputs(spec: str = "digits", *, limit: Optional[int] = None) -> torch.T
             raise ValueError(f"{s!r}: cannot find the inputs in a {type(obj).__name__}")
     else:
         raise ValueError(f"unknown dataset {spec!r}: 'digits', 'digits-train', 'digits-test', or a .pt/.npy file")
-    if not isinstance(x, torch.Tensor) or x.dim() < 1:
-        raise ValueError(f"{spec!r}: inputs must be a tensor (N, ...)")
+    if not isinstance(x, torch.Tensor) or x.dim() < 2:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{spec!r}: inputs must be a tensor (N, ...) with a sample axis and at least "
+                         f"one feature axis, got shape {shape} (one feature per sample: reshape to (N, 1))")
+    if x.shape[0] < 4:
+        raise ValueError(f"{spec!r}: {x.shape[0]} samples; the minibatch CKA needs at least 4")
     if x.is_floating_point() and x.dtype not in (torch.float32, torch.float64):
         x = x.float()  # integer inputs (token ids) stay as they are
     if limit is not None:
+        if limit < 1:
+            raise ValueError(f"limit must be >= 1, got {limit}")
         x = x[:limit]
     return x

@@ -54,6 +54,7 @@ from torch import Tensor
 from guidance_kernels import _checks, metrics
 from guidance_kernels.backends import resolve_backend
 from guidance_kernels.functional import stacked_grams
+from guidance_kernels.planning import no_autocast
 
 MIN_BATCH = 4
 
@@ -129,8 +130,7 @@ class MinibatchCKA:
             layers = xs2 + ys2
         n = xs2[0].shape[0]
         dtype = self.center_dtype
-        with torch.autocast(xs2[0].device.type, enabled=False) if xs2[0].device.type in ("cpu", "cuda") \
-                else _null():
+        with no_autocast(xs2[0].device):
             k = stacked_grams(layers, resolve_backend(self.backend, layers)).to(dtype)  # (L, n, n)
             if self.scale is None:
                 self.scale = _first_scale(k)
@@ -181,14 +181,6 @@ class MinibatchCKA:
         den = torch.sqrt(da[:, None] * db[None, :])                  # sqrt(x*x) == x: diag is 1
         ok = ok_a[:, None] & ok_b[None, :]
         return torch.where(ok, h / den, torch.zeros_like(h))
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _first_scale(k: Tensor) -> Tensor:

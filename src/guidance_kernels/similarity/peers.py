@@ -18,7 +18,8 @@ All peers receive the same activations through "replay" models (identity layers 
 stored activations for a batch of sample indices), so every number compares the estimators, and
 the times include each peer's hook/loop machinery but no real network forward. The reference is
 an independent fp64 implementation of the same estimator (Song et al.'s formula, not
-U-centering) in :func:`fp64_minibatch_cka`.
+U-centering): ``guidance_kernels.truth.minibatch_cka``. Each peer's adapter lives in
+``guidance_kernels/peer_adapters.py``.
 """
 
 from __future__ import annotations
@@ -31,62 +32,13 @@ import warnings
 from typing import Callable, Optional, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
+
+from guidance_kernels.peer_adapters import PEERS as _ADAPTERS
+from guidance_kernels.peer_adapters import Replay
+from guidance_kernels.truth import minibatch_cka as fp64_minibatch_cka
 
 __all__ = ["Replay", "fp64_minibatch_cka", "run_ours", "PEERS", "compare"]
-
-
-class Replay(nn.Module):
-    """A model whose layers ``layers.0 .. layers.{L-1}`` (``nn.Identity``) output the stored
-    activations of the samples whose indices are the input."""
-
-    def __init__(self, acts: Sequence[Tensor]):
-        super().__init__()
-        self.acts = list(acts)
-        self.layers = nn.ModuleList(nn.Identity() for _ in self.acts)
-
-    @property
-    def names(self) -> list[str]:
-        return [f"layers.{i}" for i in range(len(self.acts))]
-
-    def forward(self, idx: Tensor) -> Tensor:
-        idx = idx.long()
-        for layer, a in zip(self.layers, self.acts):
-            layer(a[idx])
-        return idx.float()
-
-
-def _hsic_u64(k: Tensor, l: Tensor) -> Tensor:
-    """Song et al. (2012) unbiased HSIC, fp64, straight from the formula (batched over dim 0 of k)."""
-    n = k.shape[-1]
-    k = k - torch.diag_embed(k.diagonal(dim1=-2, dim2=-1))
-    l = l - torch.diag_embed(l.diagonal(dim1=-2, dim2=-1))
-    tr = (k * l.mT).sum((-2, -1))
-    sk, sl = k.sum((-2, -1)), l.sum((-2, -1))
-    cross = (k.sum(-1) * l.sum(-2)).sum(-1)   # 1ᵀ K L 1
-    return (tr + sk * sl / ((n - 1) * (n - 2)) - 2 / (n - 2) * cross) / (n * (n - 3))
-
-
-def fp64_minibatch_cka(acts_a: Sequence[Tensor], acts_b: Sequence[Tensor], batch_size: int) -> Tensor:
-    """Independent fp64 minibatch CKA (equal batches; a short last batch is dropped)."""
-    N = acts_a[0].shape[0]
-    starts = range(0, N - batch_size + 1, batch_size)
-    grams = lambda acts: [torch.stack([a[s:s + batch_size].double().flatten(1) @ a[s:s + batch_size].double().flatten(1).T
-                                       for s in starts]) for a in acts]
-    ka, kb = grams(acts_a), grams(acts_b)
-    sa = torch.stack([_hsic_u64(k, k).sum() for k in ka])
-    sb = torch.stack([_hsic_u64(k, k).sum() for k in kb])
-    out = torch.zeros(len(ka), len(kb), dtype=torch.float64)
-    for i, k in enumerate(ka):
-        for j, l in enumerate(kb):
-            out[i, j] = _hsic_u64(k, l).sum() / torch.sqrt(sa[i] * sb[j])
-    return out
-
-
-def _loader(N: int, batch_size: int):
-    from torch.utils.data import DataLoader, TensorDataset
-
-    return DataLoader(TensorDataset(torch.arange(N)), batch_size=batch_size, shuffle=False, drop_last=True)
 
 
 def run_ours(acts_a, acts_b, batch_size: int, symmetric: bool = False) -> Tensor:
@@ -100,49 +52,15 @@ def run_ours(acts_a, acts_b, batch_size: int, symmetric: bool = False) -> Tensor
     return res.matrix
 
 
-def run_pytorch_cka(acts_a, acts_b, batch_size: int, symmetric: bool = False) -> Tensor:
-    from cka import compute_cka
+run_pytorch_cka = _ADAPTERS["pytorch-cka"].minibatch_map
+run_torch_cka = _ADAPTERS["torch-cka"].minibatch_map
+run_ckatorch = _ADAPTERS["ckatorch"].minibatch_map
 
-    N = acts_a[0].shape[0]
-    ra = Replay(acts_a)
-    rb = ra if symmetric else Replay(acts_b)
-    return compute_cka(ra, rb, _loader(N, batch_size), layers=ra.names, model2_layers=rb.names,
-                       device="cpu", progress=False)[0].double()
-
-
-def run_torch_cka(acts_a, acts_b, batch_size: int, symmetric: bool = False) -> Tensor:
-    from torch_cka import CKA
-
-    N = acts_a[0].shape[0]
-    ra = Replay(acts_a)
-    rb = Replay(acts_b)  # torch-cka keeps one feature dict per model: give it two objects
-    with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
-        warnings.simplefilter("ignore")
-        c = CKA(ra, rb, model1_name="A", model2_name="B", model1_layers=ra.names,
-                model2_layers=rb.names, device="cpu")
-        c.compare(_loader(N, batch_size))
-    return c.export()["CKA"].double()
-
-
-def run_ckatorch(acts_a, acts_b, batch_size: int, symmetric: bool = False) -> Tensor:
-    from ckatorch import cka_batch
-
-    N = acts_a[0].shape[0]
-    B = N // batch_size
-    stack = lambda a: a[: B * batch_size].flatten(1).reshape(B, batch_size, -1)
-    sa, sb = [stack(a) for a in acts_a], [stack(b) for b in acts_b]
-    out = torch.zeros(len(sa), len(sb), dtype=torch.float64)
-    for i, x in enumerate(sa):
-        for j, y in enumerate(sb):
-            out[i, j] = cka_batch(x, y)
-    return out
-
-
+# name -> (module to import, function (acts_a, acts_b, batch_size, symmetric) -> map)
 PEERS: dict[str, tuple[str, Callable]] = {
     "ours": ("guidance_kernels", run_ours),
-    "pytorch-cka": ("cka", run_pytorch_cka),
-    "torch-cka": ("torch_cka", run_torch_cka),
-    "ckatorch": ("ckatorch", run_ckatorch),
+    **{name: (_ADAPTERS[name].module, _ADAPTERS[name].minibatch_map)
+       for name in ("pytorch-cka", "torch-cka", "ckatorch")},
 }
 
 

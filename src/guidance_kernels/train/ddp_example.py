@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from guidance_kernels.train import Guidance, TrainConfig, Trainer
-from guidance_kernels.train.demo import _train_guide, DemoConfig, load_digits_tensors
+from guidance_kernels.data import load_digits_tensors
 from guidance_kernels.train.distributed import init_from_env, wrap_ddp, wrap_fsdp
 from guidance_kernels.train.models import build_model
 
@@ -30,7 +30,9 @@ def main() -> None:
     rank, world_size = init_from_env()
     train, test = load_digits_tensors()
     guide = build_model("small_cnn", seed=0)
-    guide.load_state_dict(_train_guide(DemoConfig(), 0, train, test)[0])  # same on every rank
+    # the guide: a short training of the small CNN from seed 0 (same data and order on every rank)
+    Trainer(guide, train, TrainConfig(steps=300, batch_size=256, progress=False, eval_every=0),
+            name="guide").fit()
     target = build_model("deep_fcn", seed=0)
     g = Guidance(target, guide, target_layers=nn.Linear, guide_layers=(nn.Conv2d, nn.Linear),
                  gather="global" if args.global_loss else "rank")

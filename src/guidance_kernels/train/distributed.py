@@ -21,8 +21,12 @@ Two forms of the loss:
   equal shard sizes). Memory: each rank holds the gathered activations of all guided layers,
   ``W`` times the local guided activation memory for the target (kept for backward) plus ``W``
   times for the guide, and Grams of ``(W*b)^2`` instead of ``b^2``; the backward moves the same
-  volume again (all-to-all on gloo, reduce-scatter on NCCL). Every rank must have the same
-  local batch size (use ``drop_last=True`` or :func:`shard`).
+  volume again (all-to-all on gloo, reduce-scatter on NCCL). Ranks may hold different local
+  batch sizes (a short last batch without ``drop_last``): :func:`gather_batch` exchanges the row
+  counts on the host (a gloo group, no device sync), pads and trims, and the guidance term stays
+  the exact loss of the global batch, value and gradient. Only the task term then differs from
+  one process: DDP averages per-rank means; weight each rank's task loss by ``W * n_r / sum(n)``
+  if the global mean is wanted.
 """
 
 from __future__ import annotations
@@ -71,30 +75,82 @@ def shard(batch: Tensor, rank: int | None = None, world_size: int | None = None)
     return batch[rank * b:(rank + 1) * b]
 
 
-def gather_batch(tensors: Sequence[Tensor], *, group=None, differentiable: bool) -> list[Tensor]:
-    """Concatenate each tensor over ranks along dim 0 (rank order). Identity without a group.
+_SIZE_GROUPS: dict = {}
+_MAX_DIMS = 8  # shapes exchanged before a gather are padded to this many dims
 
-    ``differentiable=True`` uses the autograd-aware all-gather (gradients flow back to the
-    owning rank); ``False`` a plain all-gather (guide activations)."""
-    if not is_distributed():
-        return list(tensors)
+
+def _size_group(group):
+    """A gloo group over the same ranks as ``group``, for exchanging host integers (row counts)
+    without touching the device: no device sync. ``group`` itself when it already is gloo."""
+    if dist.get_backend(group) == "gloo":
+        return group
+    key = id(group)
+    if key not in _SIZE_GROUPS:  # created collectively: every rank reaches the first gather together
+        ranks = None if group is None else dist.get_process_group_ranks(group)
+        _SIZE_GROUPS[key] = dist.new_group(ranks=ranks, backend="gloo")
+    return _SIZE_GROUPS[key]
+
+
+def gather_sizes(n: int | Sequence[int], *, group=None) -> list:
+    """Every rank's ``n`` (host integers; an int or a list of equal length on every rank), in rank
+    order; exchanged over gloo on the host, in one collective."""
     ws = dist.get_world_size(group)
+    local = torch.tensor([n] if isinstance(n, int) else list(n), dtype=torch.int64)
+    parts = [torch.empty_like(local) for _ in range(ws)]
+    dist.all_gather(parts, local, group=_size_group(group))
+    return [int(p[0]) for p in parts] if isinstance(n, int) else [p.tolist() for p in parts]
+
+
+def _all_gather(t: Tensor, group, differentiable: bool) -> list[Tensor]:
+    if differentiable:
+        # Deprecated in favour of _functional_collectives, whose autograd backward needs a
+        # reduce-scatter that gloo lacks; this one falls back to all-to-all on gloo.
+        import warnings
+
+        from torch.distributed.nn.functional import all_gather
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            return list(all_gather(t.contiguous(), group=group))
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    return parts
+
+
+def gather_batch(tensors: Sequence[Tensor], *, group=None, differentiable: bool) -> list[Tensor]:
+    """Concatenate each tensor ``(n_r, ...)`` over ranks along dim 0 (rank order): ``(sum n_r, ...)``.
+    Identity without a group.
+
+    Ranks may hold different row counts (a short last batch): the counts are exchanged first
+    (host integers over gloo, no device sync), shorter tensors are zero-padded to the largest,
+    gathered, and each rank's padding is cut off again, so the result is exactly the
+    concatenation. ``differentiable=True`` uses the autograd-aware all-gather (gradients flow
+    back to the owning rank's rows; padding rows get none); ``False`` a plain all-gather."""
+    if not is_distributed() or not tensors:
+        return list(tensors)
+    # every tensor's shape, padded to _MAX_DIMS with -1, from every rank: one host collective
+    if any(t.dim() > _MAX_DIMS or t.dim() == 0 for t in tensors):
+        raise ValueError(f"gather_batch: tensors need 1 to {_MAX_DIMS} dims, got "
+                         f"{[tuple(t.shape) for t in tensors]}")
+    local = [d for t in tensors for d in (*t.shape, *([-1] * (_MAX_DIMS - t.dim())))]
+    shapes = [[r[i * _MAX_DIMS:(i + 1) * _MAX_DIMS] for i in range(len(tensors))]
+              for r in gather_sizes(local, group=group)]  # [rank][tensor] -> padded shape
     out = []
-    for t in tensors:
-        if differentiable:
-            # Deprecated in favour of _functional_collectives, whose autograd backward needs a
-            # reduce-scatter that gloo lacks; this one falls back to all-to-all on gloo.
-            import warnings
-
-            from torch.distributed.nn.functional import all_gather
-
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)
-                parts = all_gather(t.contiguous(), group=group)
+    for i, t in enumerate(tensors):
+        tails = {tuple(r[i][1:]) for r in shapes}
+        if len(tails) != 1:
+            raise ValueError(f"gather_batch: tensor {i} has per-sample shapes that differ across ranks "
+                             f"({[tuple(d for d in r[i] if d >= 0) for r in shapes]}); only the batch "
+                             f"dimension (dim 0) may differ")
+        sizes = [r[i][0] for r in shapes]
+        n, top = t.shape[0], max(sizes)
+        if top > n:
+            t = torch.cat([t, t.new_zeros((top - n, *t.shape[1:]))])
+        parts = _all_gather(t, group, differentiable)
+        if top == min(sizes):
+            out.append(torch.cat(parts, dim=0))
         else:
-            parts = [torch.empty_like(t) for _ in range(ws)]
-            dist.all_gather(parts, t.contiguous(), group=group)
-        out.append(torch.cat(list(parts), dim=0))
+            out.append(torch.cat([p[:k] for p, k in zip(parts, sizes)], dim=0))
     return out
 
 

@@ -17,6 +17,14 @@ Flattening: ``"sample"`` turns every activation ``(n, ...)`` into ``(n, prod(...
 ``"token"`` turns ``(n, ..., D)`` into ``(n*..., D)`` (per-token CKA for sequence models; both
 sides then need the same number of tokens per sample).
 
+Padding: ``g.loss(x, step, mask=attention_mask)`` excludes the rows whose mask is 0 (tokens for
+``"token"``, samples for ``"sample"``) from every pair, on both sides, without a host sync: the
+rows are centred over the kept rows and the dropped rows set to zero (:func:`masked_center`).
+The centred matrix then has zero column means, so the kernels' own centring leaves it unchanged
+and ``X^T Y`` sums over the kept rows only: CKA and the Procrustes metrics equal their values on
+the kept rows exactly. Boolean indexing would do the same but needs a host sync for the output
+shape. The debiased estimator depends on the row count ``n`` itself, so it refuses a mask.
+
 Distributed (see :mod:`guidance_kernels.train.distributed`): ``gather="rank"`` (default) computes
 the loss on each rank's shard; ``gather="global"`` all-gathers activations (differentiably for
 the target) and computes the exact loss over the global batch.
@@ -43,6 +51,18 @@ def flatten_activation(x: Tensor, how: str) -> Tensor:
     if how == "token":
         return x.reshape(-1, x.shape[-1])
     raise ValueError(f"flatten must be 'sample' or 'token', got {how!r}")
+
+
+def masked_center(x: Tensor, keep: Tensor) -> Tensor:
+    """Rows of ``x`` (N, D) centred over the rows where ``keep`` (N,) bool is True; the other
+    rows become 0. Result fp32 (fp64 for fp64 input). No host sync; an all-False mask gives
+    zeros (the metric's degenerate, finite value)."""
+    dt = torch.promote_types(x.dtype, torch.float32)
+    k = keep.reshape(-1, 1)
+    xs = torch.where(k, x.to(dt), torch.zeros((), dtype=dt, device=x.device))
+    count = keep.sum().clamp_min(1).to(dt)
+    mu = xs.sum(dim=0, keepdim=True) / count
+    return torch.where(k, xs - mu, torch.zeros((), dtype=dt, device=x.device))
 
 
 class Guidance:
@@ -135,9 +155,16 @@ class Guidance:
             self.guide.train(was_training)
 
     # ------------------------------------------------------------------ the loss
-    def terms(self, guide_x: Tensor) -> Tensor:
+    def terms(self, guide_x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         """Weighted per-pair terms ``(L,)`` from the recorded target forward and the guide on
-        ``guide_x`` (the same batch the target saw). Consumes the recorded activations."""
+        ``guide_x`` (the same batch the target saw). Consumes the recorded activations.
+        ``mask``: rows to keep (nonzero) — ``(n, T)`` (an attention mask) for ``"token"``,
+        ``(n,)`` for ``"sample"``; see the module docstring."""
+        if mask is not None and self.metric == "debiased_cka":
+            raise ValueError(
+                "mask: the debiased CKA estimator depends on the row count and cannot exclude "
+                "padded rows by zeroing; use metric='cka' or a procrustes metric with a mask"
+            )
         t_acts = self._target_rec.take()
         g_acts = self.guide_activations(guide_x)
         if self.gather == "global":
@@ -145,6 +172,8 @@ class Guidance:
 
             t_acts = gather_batch(t_acts, group=self.group, differentiable=True)
             g_acts = gather_batch(g_acts, group=self.group, differentiable=False)
+            if mask is not None:
+                mask = gather_batch([mask], group=self.group, differentiable=False)[0]
         xs = [flatten_activation(t_acts[i], self.flatten) for i in self._t_idx]
         ys = [flatten_activation(g_acts[i], self.flatten) for i in self._g_idx]
         for (tn, gn), x, y in zip(self.pairs, xs, ys):
@@ -153,25 +182,36 @@ class Guidance:
                     f"pair ({tn!r}, {gn!r}): {x.shape[0]} target rows vs {y.shape[0]} guide rows "
                     f"after {self.flatten!r} flattening"
                 )
+            if mask is not None and mask.numel() != x.shape[0]:
+                raise ValueError(
+                    f"pair ({tn!r}, {gn!r}): mask of shape {tuple(mask.shape)} for {x.shape[0]} "
+                    f"rows after {self.flatten!r} flattening (token: the (n, T) attention mask; "
+                    "sample: (n,))"
+                )
+        if mask is not None:
+            keep = mask.reshape(-1) != 0
+            xs = [masked_center(x, keep) for x in xs]
+            ys = [masked_center(y, keep) for y in ys]
         terms = gk.guidance_loss(
             xs, ys, metric=self.metric, weights=self.weights, reduction="none", backend=self.backend
         )
         self.last_terms = terms.detach()
         return terms
 
-    def loss(self, guide_x: Tensor, step: Optional[int] = None) -> Tensor:
+    def loss(self, guide_x: Tensor, step: Optional[int] = None, *, mask: Optional[Tensor] = None) -> Tensor:
         """``alpha(step) * reduce(terms)``: add it to the task loss. When alpha is 0 the guide is
-        not run and a zero is returned (the recorded activations are dropped)."""
+        not run and a zero is returned (the recorded activations are dropped). ``mask``: see
+        :meth:`terms`."""
         a = self.alpha(step)
         if a == 0.0:
             self._target_rec.outputs = {}
             return torch.zeros((), device=guide_x.device)
-        terms = self.terms(guide_x)
+        terms = self.terms(guide_x, mask)
         red = terms.sum() if self.reduction == "sum" else terms.mean()
         return a * red
 
-    def __call__(self, guide_x: Tensor, step: Optional[int] = None) -> Tensor:
-        return self.loss(guide_x, step)
+    def __call__(self, guide_x: Tensor, step: Optional[int] = None, *, mask: Optional[Tensor] = None) -> Tensor:
+        return self.loss(guide_x, step, mask=mask)
 
     # ------------------------------------------------------------------ lifetime
     def close(self) -> None:

@@ -2,14 +2,17 @@
 
 :class:`ActivationRecorder` registers one forward hook per selected module at construction and
 records only while :meth:`ActivationRecorder.recording` is active, so evaluation forwards cost
-nothing and keep nothing. A module that returns a tuple (RNNs, ``nn.MultiheadAttention``)
-contributes its first element. A module that runs twice inside one recording (weight sharing)
+nothing and keep nothing. A module that returns a tuple (RNNs, ``nn.MultiheadAttention``,
+Hugging Face blocks) contributes its first tensor element; one that returns a mapping (a Hugging
+Face ``ModelOutput``) its ``last_hidden_state`` if present, else its first tensor value. Anything
+else is a TypeError that names the layer. A module that runs twice inside one recording (weight sharing)
 is an error: which call to align would be ambiguous. :meth:`close` removes every hook.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 from typing import Sequence
 
 import torch
@@ -18,12 +21,27 @@ from torch import nn
 from guidance_kernels.train.mapping import unwrap
 
 
-def _first_tensor(out):
+def first_tensor(out, name: str = "?") -> torch.Tensor:
+    """The hidden states in a module's output (see the module docstring); ``name`` is the layer,
+    for the error."""
     if isinstance(out, torch.Tensor):
         return out
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
-    raise TypeError(f"cannot record a module output of type {type(out).__name__}")
+    if isinstance(out, Mapping):  # ModelOutput is an OrderedDict (None fields are left out)
+        hidden = out.get("last_hidden_state")
+        if isinstance(hidden, torch.Tensor):
+            return hidden
+        values = list(out.values())
+    elif isinstance(out, (tuple, list)):
+        values = list(out)
+    else:
+        values = []
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            return v
+    raise TypeError(
+        f"layer {name!r} returned a {type(out).__name__} with no tensor to record; select a "
+        "sub-module that returns the hidden states (a tensor, or a tuple / ModelOutput holding them)"
+    )
 
 
 class ActivationRecorder:
@@ -50,7 +68,7 @@ class ActivationRecorder:
                     f"layer {name!r} ran twice in one recorded forward (shared module?); "
                     "guide it by an explicit mapping onto a module that runs once"
                 )
-            self.outputs[name] = _first_tensor(out)
+            self.outputs[name] = first_tensor(out, name)
 
         return hook
 

@@ -19,6 +19,24 @@ import math
 from dataclasses import dataclass
 
 
+def _number(cls: str, name: str, v) -> float:
+    """``v`` as a finite float, or a ``ValueError``/``TypeError`` naming the schedule and field."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{cls}.{name} must be a number, got {type(v).__name__} {v!r}")
+    if not math.isfinite(v):
+        raise ValueError(f"{cls}.{name} must be finite, got {v!r}")
+    return float(v)
+
+
+def _count(cls: str, name: str, v, minimum: int = 0) -> int:
+    """``v`` as an int >= ``minimum``, or an error naming the schedule and field."""
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{cls}.{name} must be an integer number of steps, got {type(v).__name__} {v!r}")
+    if v < minimum:
+        raise ValueError(f"{cls}.{name} must be >= {minimum}, got {v}")
+    return v
+
+
 class Schedule:
     warmup_steps: int = 0
 
@@ -37,6 +55,9 @@ class Schedule:
 class Continuous(Schedule):
     value: float = 1.0
 
+    def __post_init__(self):
+        self.value = _number("Continuous", "value", self.value)
+
     def alpha(self, step: int) -> float:
         return float(self.value)
 
@@ -45,6 +66,10 @@ class Continuous(Schedule):
 class FirstK(Schedule):
     k: int = 300
     value: float = 1.0
+
+    def __post_init__(self):
+        self.k = _count("FirstK", "k", self.k)
+        self.value = _number("FirstK", "value", self.value)
 
     def alpha(self, step: int) -> float:
         return float(self.value) if step < self.k else 0.0
@@ -58,6 +83,9 @@ class AlphaDecay(Schedule):
     kind: str = "linear"  # linear | cosine | exp
 
     def __post_init__(self):
+        self.value = _number("AlphaDecay", "value", self.value)
+        self.final = _number("AlphaDecay", "final", self.final)
+        self.steps = _count("AlphaDecay", "steps", self.steps, minimum=1)
         if self.kind not in ("linear", "cosine", "exp"):
             raise ValueError(f"kind must be linear, cosine or exp, got {self.kind!r}")
         if self.kind == "exp" and (self.final <= 0 or self.value <= 0):
@@ -78,7 +106,13 @@ class AlphaDecay(Schedule):
 class NoiseWarmup(Schedule):
     k: int = 100
     value: float = 1.0
-    then: Schedule | None = None
+    then: Schedule | float | None = None
+
+    def __post_init__(self):
+        self.k = _count("NoiseWarmup", "k", self.k)
+        self.value = _number("NoiseWarmup", "value", self.value)
+        if self.then is not None:  # a number means a constant alpha after the warm-up
+            self.then = as_schedule(self.then, what="NoiseWarmup.then")
 
     @property
     def warmup_steps(self) -> int:  # type: ignore[override]
@@ -90,11 +124,15 @@ class NoiseWarmup(Schedule):
         return 0.0 if self.then is None else self.then.alpha(step - self.k)
 
 
-def as_schedule(s: Schedule | float | int | None) -> Schedule:
+def as_schedule(s: Schedule | float | int | None, what: str = "alpha") -> Schedule:
+    """A :class:`Schedule` from a schedule, a finite number (constant alpha) or ``None`` (1.0)."""
     if s is None:
         return Continuous(1.0)
-    if isinstance(s, (int, float)):
+    if isinstance(s, Schedule):
+        return s
+    if isinstance(s, (int, float)) and not isinstance(s, bool):
+        if not math.isfinite(s):
+            raise ValueError(f"{what} must be finite, got {s!r}")
         return Continuous(float(s))
-    if not isinstance(s, Schedule):
-        raise TypeError(f"expected a Schedule or a number, got {type(s).__name__}")
-    return s
+    raise TypeError(f"{what}: expected a Schedule or a number, got {type(s).__name__} {s!r}")
+

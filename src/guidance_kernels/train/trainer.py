@@ -8,7 +8,10 @@ JSON, a rich progress bar, and checkpoint/resume.
 Determinism and resume: the data order is a pure function of ``(seed, epoch)``, noise batches of
 ``(seed, step)``, schedules of ``step``; the checkpoint stores model, optimizer, step, the
 global RNG state and the history so far. A run resumed from a checkpoint therefore reproduces the
-uninterrupted loss curve (tested to 1e-6).
+uninterrupted loss curve (tested to 1e-6). Checkpoints and ``metrics.json`` are written
+atomically (temp file beside them, fsync, rename: a crash or a full disk keeps the previous file)
+and checkpoints load with ``weights_only=True`` (a crafted file cannot run code); an unwritable
+``out_dir`` fails before the first step.
 
 Data: in-memory tensors ``(X, y)``. ``batch_size`` is the **global** batch; under
 ``torch.distributed`` each rank takes its contiguous slice (``batch_size`` must divide by the
@@ -20,7 +23,7 @@ world size). Steps: ``warmup_steps`` (from the guidance schedule) noise steps fi
 from __future__ import annotations
 
 import contextlib
-import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -30,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from guidance_kernels.files import (FileLoadError, FileWriteError, atomic_write, load_torch, save_torch,
+                                    write_json)
 from guidance_kernels.train.distributed import shard, world
 from guidance_kernels.train.guidance import KD, Guidance
 from guidance_kernels.train.mapping import unwrap
@@ -50,6 +55,23 @@ class TrainConfig:
     out_dir: Optional[str] = None   # metrics.json and checkpoint.pt go here
     progress: bool = True
     noise_std: float = 1.0          # noise warm-up inputs: N(0, noise_std^2), shape of X[0]
+
+    def __post_init__(self):
+        """Reject values that would fail (or silently do nothing) only after training started."""
+        ints = {"steps": 0, "batch_size": 1, "log_every": 1, "eval_every": 0, "checkpoint_every": 0}
+        for name, low in ints.items():
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"TrainConfig.{name} must be an integer >= {low}, got {v!r}")
+        for name, positive in (("lr", True), ("weight_decay", False), ("noise_std", False)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+                    or v < 0 or (positive and v == 0):
+                raise ValueError(f"TrainConfig.{name} must be a finite number {'>' if positive else '>='} 0, "
+                                 f"got {v!r}")
+        if self.grad_clip is not None and not (isinstance(self.grad_clip, (int, float))
+                                               and math.isfinite(self.grad_clip) and self.grad_clip > 0):
+            raise ValueError(f"TrainConfig.grad_clip must be None or a finite number > 0, got {self.grad_clip!r}")
 
 
 @dataclass
@@ -185,11 +207,13 @@ class Trainer:
         return os.path.join(self.cfg.out_dir, "checkpoint.pt") if self.cfg.out_dir else None
 
     def save_checkpoint(self, path: Optional[str] = None):
+        """Write the checkpoint atomically (temp file beside it, fsync, rename): a crash or a full
+        disk keeps the previous checkpoint and leaves no temporary. Raises
+        :class:`~guidance_kernels.files.FileWriteError` naming the file."""
         path = path or self._ckpt_path()
         if path is None or self.rank != 0:
             return
         self._flush()
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         state = {
             "step": self.step,
             "model": unwrap(self.model).state_dict(),
@@ -199,36 +223,55 @@ class Trainer:
             "history": asdict(self.history),
             "config": asdict(self.cfg),
         }
-        tmp = path + ".tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        save_torch(state, path)
 
     def load_checkpoint(self, path: Optional[str] = None):
+        """Load a checkpoint written by :meth:`save_checkpoint` with ``weights_only=True`` (a
+        crafted file cannot run code). Raises :class:`~guidance_kernels.files.FileLoadError`
+        naming the file when it is empty, truncated, not a checkpoint or not this trainer's."""
         path = path or self._ckpt_path()
-        state = torch.load(path, map_location=self.device, weights_only=False)
-        unwrap(self.model).load_state_dict(state["model"])
-        self.opt.load_state_dict(state["optimizer"])
+        if path is None:
+            raise ValueError("load_checkpoint: no path given and config.out_dir is not set")
+        state = load_torch(path, map_location=self.device, check=_check_checkpoint)
+        try:
+            unwrap(self.model).load_state_dict(state["model"])
+            self.opt.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise FileLoadError(f"{path}: a checkpoint of another model or optimizer: {first}") from e
         torch.set_rng_state(state["rng"])
         if state.get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.step = state["step"]
         self.history = History(**state["history"])
 
-    def write_metrics(self):
+    def _check_out_dir(self):
+        """Fail before training when ``out_dir`` cannot be written (not after every step)."""
         if not self.cfg.out_dir or self.rank != 0:
             return
-        os.makedirs(self.cfg.out_dir, exist_ok=True)
-        with open(os.path.join(self.cfg.out_dir, "metrics.json"), "w") as f:
-            json.dump({"name": self.name, "config": asdict(self.cfg), "warmup_steps": self.warmup,
-                       "history": asdict(self.history)}, f)
+        with atomic_write(os.path.join(self.cfg.out_dir, ".write-test")) as tmp:
+            tmp.write_bytes(b"")
+        with contextlib.suppress(OSError):
+            os.remove(os.path.join(self.cfg.out_dir, ".write-test"))
+
+    def write_metrics(self):
+        """``out_dir/metrics.json`` (strict JSON, written atomically)."""
+        if not self.cfg.out_dir or self.rank != 0:
+            return
+        write_json(os.path.join(self.cfg.out_dir, "metrics.json"),
+                   {"name": self.name, "config": asdict(self.cfg), "warmup_steps": self.warmup,
+                    "history": asdict(self.history)}, indent=None)
 
     # ------------------------------------------------------------------ loop
-    def fit(self, *, resume: bool | str = False, max_steps: Optional[int] = None) -> History:
+    def fit(self, *, resume: bool | str | os.PathLike = False, max_steps: Optional[int] = None) -> History:
         """Train to ``warmup + steps`` (or stop after global step ``max_steps``, to simulate an
-        interruption). ``resume=True`` loads ``out_dir/checkpoint.pt`` if it exists; a string is
-        a checkpoint path."""
-        if resume:
-            path = resume if isinstance(resume, str) else self._ckpt_path()
+        interruption). ``resume=True`` loads ``out_dir/checkpoint.pt`` if it exists (else starts
+        fresh); a path is a checkpoint that must exist (``FileLoadError`` naming it otherwise)."""
+        self._check_out_dir()
+        if isinstance(resume, (str, os.PathLike)):
+            self.load_checkpoint(os.fspath(resume))  # an explicit path must exist
+        elif resume:
+            path = self._ckpt_path()
             if path and os.path.exists(path):
                 self.load_checkpoint(path)
         stop = self.total if max_steps is None else min(self.total, max_steps)
@@ -266,5 +309,21 @@ class Trainer:
                     self.callback(s, self)
         self._flush()
         self.elapsed = time.perf_counter() - t0
-        self.write_metrics()
+        try:
+            self.write_metrics()
+        except FileWriteError as e:  # the trained model and the history are still returned
+            import warnings
+
+            warnings.warn(f"metrics not saved: {e}", RuntimeWarning, stacklevel=2)
         return self.history
+
+
+_CKPT_KEYS = ("step", "model", "optimizer", "rng", "history")
+
+
+def _check_checkpoint(obj) -> None:
+    if not isinstance(obj, dict):
+        raise ValueError(f"not a trainer checkpoint (holds a {type(obj).__name__}, expected a dict)")
+    missing = [k for k in _CKPT_KEYS if k not in obj]
+    if missing:
+        raise ValueError(f"not a trainer checkpoint: missing {missing}")

@@ -1,7 +1,8 @@
-// Grouped kernel for the backward passes: out = sum_t A_t B_t (+ bias), one fp32 operand and
-// one row-shifted activation operand x' = x - 1 x[0] per term, written in the activation dtype.
-//   gram_backward  (A_IS_ACT = false): out = ms @ x'                 (ms fp32 n x n, x n x p)
-//   cross_backward (A_IS_ACT = true):  out = x' @ m + y' @ n + v
+// Backward kernel of the gram and cross ops (gram_bwd.cu, cross_bwd.cu): out = sum_t A_t B_t
+// (+ bias), one fp32 operand and one row-shifted activation operand x' = x - 1 x[0] per term
+// (A is the activation when CROSS, B otherwise), written in the activation dtype.
+//   gram_backward  (CROSS = false): out = ms @ x'                 (ms fp32 n x n, x n x p)
+//   cross_backward (CROSS = true):  out = x' @ m + y' @ n + v
 // Both operands are staged in shared memory as fp32 (x' subtracted in fp32 while loading) and
 // multiplied with 3xTF32 WMMA (16x16x8): each operand split into hi + lo TF32 parts, three MMAs.
 // (x' of bf16/fp16 activations is no longer exact in TF32, so both sides are split for every
@@ -17,7 +18,7 @@ constexpr int kLdA = kTileK + 4;  // fp32 A tile (64 x 32) row stride
 constexpr int kLdB = kTileN + 4;  // fp32 B tile (32 x 64) row stride
 
 template <bool EXACT_A, bool EXACT_B, typename Acc>
-__device__ __forceinline__ void mixed_mma(Acc (&acc)[2][2], const float* sA, const float* sB,
+__device__ __forceinline__ void backward_mma(Acc (&acc)[2][2], const float* sA, const float* sB,
                                           int wm, int wn) {
 #pragma unroll
   for (int kk = 0; kk < kTileK; kk += 8) {
@@ -52,9 +53,9 @@ __device__ __forceinline__ void mixed_mma(Acc (&acc)[2][2], const float* sA, con
   }
 }
 
-template <typename T, bool A_IS_ACT>
+template <typename T, bool CROSS>
 __global__ void __launch_bounds__(kThreads)
-    mixed_bwd_kernel(const MixedJob* __restrict__ jobs, int num_jobs) {
+    backward_kernel(const BwdJob* __restrict__ jobs, int num_jobs) {
 #if GK_TENSOR_CORES
   using S = typename Elem<T>::storage;
   __shared__ __align__(128) float sA[kTileM * kLdA];
@@ -72,7 +73,7 @@ __global__ void __launch_bounds__(kThreads)
       hi = mid - 1;
     }
   }
-  const MixedJob& Jg = jobs[lo];
+  const BwdJob& Jg = jobs[lo];
   const int64_t tiles_m = (int64_t(Jg.M) + kTileM - 1) / kTileM;
   const int64_t local = b - Jg.work_begin;
   const int tid = threadIdx.x;
@@ -94,19 +95,19 @@ __global__ void __launch_bounds__(kThreads)
     const void* a = Jg.a[t];
     const void* b = Jg.b[t];
     // Vector loads: 16 bytes for fp32 rows, 8 bytes (4 elements) for 16-bit rows.
-    const bool va = A_IS_ACT ? ((reinterpret_cast<uintptr_t>(a) % (4 * sizeof(S))) == 0 && lda % 4 == 0)
+    const bool va = CROSS ? ((reinterpret_cast<uintptr_t>(a) % (4 * sizeof(S))) == 0 && lda % 4 == 0)
                              : (aligned16(a) && lda % 4 == 0);
-    const bool vb = A_IS_ACT ? (aligned16(b) && ldb % 4 == 0)
+    const bool vb = CROSS ? (aligned16(b) && ldb % 4 == 0)
                              : ((reinterpret_cast<uintptr_t>(b) % (4 * sizeof(S))) == 0 && ldb % 4 == 0);
     // Reference row (row 0 of the activation) for this thread's 4 tile columns. gram_backward:
     // the columns are features n0.., fixed for the block; cross_backward: the K range (features
     // k..), reloaded per step.
     float ref[4] = {0.f, 0.f, 0.f, 0.f};
-    if constexpr (!A_IS_ACT) {
+    if constexpr (!CROSS) {
       load_ref_row<T, 4>(ref, static_cast<const S*>(b), n0 + thread_col<kTileN, 4>(), N, vb);
     }
     for (int64_t k = 0; k < K; k += kTileK) {
-      if constexpr (A_IS_ACT) {
+      if constexpr (CROSS) {
         load_ref_row<T, 4>(ref, static_cast<const S*>(a), k + thread_col<kTileK, 4>(), K, va);
         load_tile_f32<T, kTileM, kTileK, kLdA, true>(sA, static_cast<const S*>(a), lda, m0, k, M, K, va, ref);
         load_tile_f32<float, kTileK, kTileN, kLdB, false>(sB, static_cast<const float*>(b), ldb, k, n0, K, N, vb, ref);
@@ -115,7 +116,7 @@ __global__ void __launch_bounds__(kThreads)
         load_tile_f32<T, kTileK, kTileN, kLdB, true>(sB, static_cast<const S*>(b), ldb, k, n0, K, N, vb, ref);
       }
       __syncthreads();
-      mixed_mma<false, false>(acc, sA, sB, wm, wn);
+      backward_mma<false, false>(acc, sA, sB, wm, wn);
       __syncthreads();
     }
   }
@@ -143,21 +144,21 @@ __global__ void __launch_bounds__(kThreads)
 #endif
 }
 
-template <bool A_IS_ACT>
-cudaError_t launch_mixed_bwd(DType dt, const MixedJob* jobs, int num_jobs, int64_t num_blocks,
+template <bool CROSS>
+cudaError_t launch_backward(DType dt, const BwdJob* jobs, int num_jobs, int64_t num_blocks,
                              cudaStream_t stream) {
   if (num_blocks <= 0 || num_jobs <= 0) return cudaSuccess;
   if (num_blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
   const dim3 grid(static_cast<unsigned>(num_blocks));
   switch (dt) {
     case DType::F32:
-      mixed_bwd_kernel<float, A_IS_ACT><<<grid, kThreads, 0, stream>>>(jobs, num_jobs);
+      backward_kernel<float, CROSS><<<grid, kThreads, 0, stream>>>(jobs, num_jobs);
       break;
     case DType::F16:
-      mixed_bwd_kernel<__half, A_IS_ACT><<<grid, kThreads, 0, stream>>>(jobs, num_jobs);
+      backward_kernel<__half, CROSS><<<grid, kThreads, 0, stream>>>(jobs, num_jobs);
       break;
     case DType::BF16:
-      mixed_bwd_kernel<__nv_bfloat16, A_IS_ACT><<<grid, kThreads, 0, stream>>>(jobs, num_jobs);
+      backward_kernel<__nv_bfloat16, CROSS><<<grid, kThreads, 0, stream>>>(jobs, num_jobs);
       break;
     default:
       return cudaErrorInvalidValue;

@@ -1,6 +1,7 @@
-"""Review of the grouped ops / gram_stats change (3396a90..): guards for properties verified to
-hold, and the two regressions it found (fp64 CKA range, fp32 pairs grouped with fp64 ones),
-fixed since."""
+"""Pairs grouped by shape and dtype into one op call per group (``planning.group_by``,
+``functional``): scores and gradients come back in pair order on random mixed calls, fp64 CKA
+is scale invariant over fp64's range, and an fp32 pair's score does not depend on an fp64 pair
+in the same call (both were regressions once)."""
 
 import random
 

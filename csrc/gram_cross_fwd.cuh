@@ -1,4 +1,5 @@
-// Grouped split-K "product" kernel for the forward passes (gram: NT layout, cross: TN layout).
+// Forward kernel of the gram and cross ops (gram_fwd.cu, cross_fwd.cu): grouped split-K products,
+// gram in NT layout (CROSS = false), cross in TN layout (CROSS = true).
 // One launch covers every layer: blockIdx.x indexes a work list of (job, tile, K-range) items.
 // Every product is of the row-shifted activations x' = x - 1 x[0] (subtracted in fp32 while the
 // tiles are loaded). Each 64 x 64 output tile is accumulated in fp32 by tensor cores: fp32 inputs
@@ -16,9 +17,9 @@ namespace gk {
 // grid: (x blocks striding the elements, y blocks striding the jobs). A template so that each
 // kernel file that includes this header can emit it without a link-time clash.
 template <int kUnused = 0>
-__global__ void zero_outputs_kernel(const ProductJob* __restrict__ jobs, int num_jobs) {
+__global__ void zero_outputs_kernel(const FwdJob* __restrict__ jobs, int num_jobs) {
   for (int j = blockIdx.y; j < num_jobs; j += gridDim.y) {
-    const ProductJob J = jobs[j];
+    const FwdJob J = jobs[j];
     if (!J.accumulate) continue;
     const int64_t stride = int64_t(gridDim.x) * blockDim.x;
     const int64_t start = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -39,13 +40,13 @@ __device__ __forceinline__ void add_or_store(float* p, float v, bool accumulate)
   }
 }
 
-template <typename T, bool TN>
+template <typename T, bool CROSS>
 struct FwdSmem {
   using S = typename Elem<T>::storage;
   static constexpr bool kSplit = sizeof(S) == 2;  // 16-bit inputs: bf16 hi + lo tiles
   static constexpr int kPad = 16 / sizeof(S);
-  static constexpr int kRows = TN ? kTileK : kTileM;  // shared tile rows
-  static constexpr int kCols = TN ? kTileM : kTileK;  // shared tile cols
+  static constexpr int kRows = CROSS ? kTileK : kTileM;  // shared tile rows
+  static constexpr int kCols = CROSS ? kTileM : kTileK;  // shared tile cols
   static constexpr int kLd = kCols + kPad;
   static constexpr int kElems = kRows * kLd;
 };
@@ -54,14 +55,14 @@ struct FwdSmem {
 // hi + lo pairs: hi*hi (+ lo*hi + hi*lo when `with_lo`, block-uniform). bf16 WMMA products are
 // exact and accumulate in fp32, so this is ~16-bit-pair accurate (the lo*lo term, <= 2^-16 of
 // the product, is dropped).
-template <bool TN, typename Acc>
+template <bool CROSS, typename Acc>
 __device__ __forceinline__ void fwd_mma_16bit(Acc (&acc)[2][2], const __nv_bfloat16* sUh,
                                               const __nv_bfloat16* sUl, const __nv_bfloat16* sVh,
                                               const __nv_bfloat16* sVl, int wm, int wn,
                                               bool with_lo) {
-  constexpr int LD = FwdSmem<__nv_bfloat16, TN>::kLd;
-  using LayoutA = typename std::conditional<TN, wmma::col_major, wmma::row_major>::type;
-  using LayoutB = typename std::conditional<TN, wmma::row_major, wmma::col_major>::type;
+  constexpr int LD = FwdSmem<__nv_bfloat16, CROSS>::kLd;
+  using LayoutA = typename std::conditional<CROSS, wmma::col_major, wmma::row_major>::type;
+  using LayoutB = typename std::conditional<CROSS, wmma::row_major, wmma::col_major>::type;
 #pragma unroll
   for (int kk = 0; kk < kTileK; kk += 16) {
     wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, LayoutA> a[2];
@@ -71,12 +72,12 @@ __device__ __forceinline__ void fwd_mma_16bit(Acc (&acc)[2][2], const __nv_bfloa
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
         const int m = wm * 32 + i * 16;
-        wmma::load_matrix_sync(a[i], TN ? sUl + kk * LD + m : sUl + m * LD + kk, LD);
+        wmma::load_matrix_sync(a[i], CROSS ? sUl + kk * LD + m : sUl + m * LD + kk, LD);
       }
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
         const int n = wn * 32 + j * 16;
-        wmma::load_matrix_sync(b[j], TN ? sVh + kk * LD + n : sVh + n * LD + kk, LD);
+        wmma::load_matrix_sync(b[j], CROSS ? sVh + kk * LD + n : sVh + n * LD + kk, LD);
       }
 #pragma unroll
       for (int i = 0; i < 2; ++i)
@@ -85,12 +86,12 @@ __device__ __forceinline__ void fwd_mma_16bit(Acc (&acc)[2][2], const __nv_bfloa
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
         const int m = wm * 32 + i * 16;
-        wmma::load_matrix_sync(a[i], TN ? sUh + kk * LD + m : sUh + m * LD + kk, LD);
+        wmma::load_matrix_sync(a[i], CROSS ? sUh + kk * LD + m : sUh + m * LD + kk, LD);
       }
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
         const int n = wn * 32 + j * 16;
-        wmma::load_matrix_sync(b[j], TN ? sVl + kk * LD + n : sVl + n * LD + kk, LD);
+        wmma::load_matrix_sync(b[j], CROSS ? sVl + kk * LD + n : sVl + n * LD + kk, LD);
       }
 #pragma unroll
       for (int i = 0; i < 2; ++i)
@@ -99,18 +100,18 @@ __device__ __forceinline__ void fwd_mma_16bit(Acc (&acc)[2][2], const __nv_bfloa
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
         const int n = wn * 32 + j * 16;
-        wmma::load_matrix_sync(b[j], TN ? sVh + kk * LD + n : sVh + n * LD + kk, LD);
+        wmma::load_matrix_sync(b[j], CROSS ? sVh + kk * LD + n : sVh + n * LD + kk, LD);
       }
     } else {
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
         const int m = wm * 32 + i * 16;
-        wmma::load_matrix_sync(a[i], TN ? sUh + kk * LD + m : sUh + m * LD + kk, LD);
+        wmma::load_matrix_sync(a[i], CROSS ? sUh + kk * LD + m : sUh + m * LD + kk, LD);
       }
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
         const int n = wn * 32 + j * 16;
-        wmma::load_matrix_sync(b[j], TN ? sVh + kk * LD + n : sVh + n * LD + kk, LD);
+        wmma::load_matrix_sync(b[j], CROSS ? sVh + kk * LD + n : sVh + n * LD + kk, LD);
       }
     }
 #pragma unroll
@@ -121,12 +122,12 @@ __device__ __forceinline__ void fwd_mma_16bit(Acc (&acc)[2][2], const __nv_bfloa
 }
 
 // Same for fp32 inputs: 3xTF32 (a_lo*b_hi + a_hi*b_lo + a_hi*b_hi).
-template <bool TN, typename Acc>
+template <bool CROSS, typename Acc>
 __device__ __forceinline__ void fwd_mma_f32(Acc (&acc)[2][2], const float* sU, const float* sV,
                                             int wm, int wn) {
-  constexpr int LD = FwdSmem<float, TN>::kLd;
-  using LayoutA = typename std::conditional<TN, wmma::col_major, wmma::row_major>::type;
-  using LayoutB = typename std::conditional<TN, wmma::row_major, wmma::col_major>::type;
+  constexpr int LD = FwdSmem<float, CROSS>::kLd;
+  using LayoutA = typename std::conditional<CROSS, wmma::col_major, wmma::row_major>::type;
+  using LayoutB = typename std::conditional<CROSS, wmma::row_major, wmma::col_major>::type;
 #pragma unroll
   for (int kk = 0; kk < kTileK; kk += 8) {
     wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, LayoutA> ah[2], al[2];
@@ -134,13 +135,13 @@ __device__ __forceinline__ void fwd_mma_f32(Acc (&acc)[2][2], const float* sU, c
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       const int m = wm * 32 + i * 16;
-      wmma::load_matrix_sync(ah[i], TN ? sU + kk * LD + m : sU + m * LD + kk, LD);
+      wmma::load_matrix_sync(ah[i], CROSS ? sU + kk * LD + m : sU + m * LD + kk, LD);
       split_tf32(ah[i], al[i]);
     }
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
       const int n = wn * 32 + j * 16;
-      wmma::load_matrix_sync(bh[j], TN ? sV + kk * LD + n : sV + n * LD + kk, LD);
+      wmma::load_matrix_sync(bh[j], CROSS ? sV + kk * LD + n : sV + n * LD + kk, LD);
       split_tf32(bh[j], bl[j]);
     }
 #pragma unroll
@@ -175,12 +176,12 @@ __device__ __forceinline__ float tile_colsum(const void* s_hi, const void* s_lo,
 // Products of the row-shifted activations U' = U - 1 U[0], V' = V - 1 V[0] (row 0 = the first
 // sample: in NT the first row of U/V, in TN the first row of the K range's matrix, i.e. J.u/J.v
 // itself; the shift is applied while loading, see load_tile_fwd).
-template <typename T, bool TN>
+template <typename T, bool CROSS>
 __global__ void __launch_bounds__(kThreads)
-    product_fwd_kernel(const ProductJob* __restrict__ jobs, const ProductWork* __restrict__ work) {
+    forward_kernel(const FwdJob* __restrict__ jobs, const FwdWork* __restrict__ work) {
 #if GK_TENSOR_CORES
   using S = typename Elem<T>::storage;
-  using Sm = FwdSmem<T, TN>;
+  using Sm = FwdSmem<T, CROSS>;
   constexpr bool kSplit = Sm::kSplit;
   constexpr int LD = Sm::kLd;
   constexpr int VEC = 16 / sizeof(S);
@@ -190,8 +191,8 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ __align__(128) S sVl[kSplit ? Sm::kElems : 1];
   __shared__ __align__(128) float sC[kTileM * kLdC];
 
-  const ProductWork w = work[blockIdx.x];
-  const ProductJob J = jobs[w.job];
+  const FwdWork w = work[blockIdx.x];
+  const FwdJob J = jobs[w.job];
   const int tid = threadIdx.x;
   const int warp = tid / 32;
   const int wm = warp / 2, wn = warp % 2;
@@ -202,14 +203,14 @@ __global__ void __launch_bounds__(kThreads)
   const bool vu = aligned16(U) && (J.ldu % VEC == 0);
   const bool vv = aligned16(V) && (J.ldv % VEC == 0);
   // Column sums (cross only): threads 0..63 sum U's tile columns, 64..127 V's.
-  const bool do_su = TN && J.sum_u != nullptr && w.tj == 0;
-  const bool do_sv = TN && J.sum_v != nullptr && w.ti == 0;
+  const bool do_su = CROSS && J.sum_u != nullptr && w.tj == 0;
+  const bool do_sv = CROSS && J.sum_v != nullptr && w.ti == 0;
   float colsum = 0.f;
 
   // Reference values (row 0) for this thread's tile columns. TN: the columns are features, fixed
   // for the block, so they are loaded once; NT: the columns are the K range, reloaded per step.
   float refU[VEC], refV[VEC];
-  if constexpr (TN) {
+  if constexpr (CROSS) {
     load_ref_row<T, VEC>(refU, U, m0 + thread_col<kTileM, VEC>(), J.M, vu);
     load_ref_row<T, VEC>(refV, V, n0 + thread_col<kTileN, VEC>(), J.N, vv);
   }
@@ -223,7 +224,7 @@ __global__ void __launch_bounds__(kThreads)
 
   for (int64_t k = w.k0; k < w.k1; k += kTileK) {
     bool lo = false;
-    if constexpr (TN) {
+    if constexpr (CROSS) {
       lo |= load_tile_fwd<T, kTileK, kTileM, LD>(sU, sUl, U, J.ldu, k, m0, w.k1, J.M, vu, refU);
       lo |= load_tile_fwd<T, kTileK, kTileN, LD>(sV, sVl, V, J.ldv, k, n0, w.k1, J.N, vv, refV);
     } else {
@@ -235,19 +236,19 @@ __global__ void __launch_bounds__(kThreads)
     }
     // One barrier that also tells every warp whether any lo part of this step is nonzero.
     const bool with_lo = __syncthreads_or(lo) != 0;
-    if constexpr (TN) {
+    if constexpr (CROSS) {
       if (do_su && tid < kTileM) colsum += tile_colsum<kSplit, LD>(sU, sUl, tid);
       if (do_sv && tid >= kThreads - kTileN)
         colsum += tile_colsum<kSplit, LD>(sV, sVl, tid - (kThreads - kTileN));
     }
     if constexpr (kSplit) {
-      fwd_mma_16bit<TN>(acc, reinterpret_cast<const __nv_bfloat16*>(sU),
+      fwd_mma_16bit<CROSS>(acc, reinterpret_cast<const __nv_bfloat16*>(sU),
                         reinterpret_cast<const __nv_bfloat16*>(sUl),
                         reinterpret_cast<const __nv_bfloat16*>(sV),
                         reinterpret_cast<const __nv_bfloat16*>(sVl), wm, wn, with_lo);
     } else {
       (void)with_lo;
-      fwd_mma_f32<TN>(acc, reinterpret_cast<const float*>(sU), reinterpret_cast<const float*>(sV),
+      fwd_mma_f32<CROSS>(acc, reinterpret_cast<const float*>(sU), reinterpret_cast<const float*>(sV),
                       wm, wn);
     }
     __syncthreads();
@@ -274,7 +275,7 @@ __global__ void __launch_bounds__(kThreads)
       if (m0 + r < M && n0 + c < N) add_or_store(J.out + (n0 + c) * ldo + m0 + r, sC[r * kLdC + c], acc_out);
     }
   }
-  if constexpr (TN) {
+  if constexpr (CROSS) {
     if (do_su && tid < kTileM && m0 + tid < M) add_or_store(J.sum_u + m0 + tid, colsum, acc_out);
     if (do_sv && tid >= kThreads - kTileN) {
       const int c = tid - (kThreads - kTileN);
@@ -286,10 +287,11 @@ __global__ void __launch_bounds__(kThreads)
 #endif
 }
 
-// Host-side launcher shared by gram_fwd.cu (TN = false) and cross_fwd.cu (TN = true).
-template <bool TN>
-cudaError_t launch_product_fwd(DType dt, const ProductJob* jobs, int num_jobs,
-                               const ProductWork* work, int64_t num_work, cudaStream_t stream) {
+// Host-side launcher shared by gram_fwd.cu (CROSS = false: NT layout) and cross_fwd.cu
+// (CROSS = true: TN layout).
+template <bool CROSS>
+cudaError_t launch_forward(DType dt, const FwdJob* jobs, int num_jobs,
+                               const FwdWork* work, int64_t num_work, cudaStream_t stream) {
   if (num_jobs > 0) {
     const dim3 zgrid(64, num_jobs < 65535 ? num_jobs : 65535);
     zero_outputs_kernel<0><<<zgrid, 256, 0, stream>>>(jobs, num_jobs);
@@ -301,13 +303,13 @@ cudaError_t launch_product_fwd(DType dt, const ProductJob* jobs, int num_jobs,
   const dim3 grid(static_cast<unsigned>(num_work));
   switch (dt) {
     case DType::F32:
-      product_fwd_kernel<float, TN><<<grid, kThreads, 0, stream>>>(jobs, work);
+      forward_kernel<float, CROSS><<<grid, kThreads, 0, stream>>>(jobs, work);
       break;
     case DType::F16:
-      product_fwd_kernel<__half, TN><<<grid, kThreads, 0, stream>>>(jobs, work);
+      forward_kernel<__half, CROSS><<<grid, kThreads, 0, stream>>>(jobs, work);
       break;
     case DType::BF16:
-      product_fwd_kernel<__nv_bfloat16, TN><<<grid, kThreads, 0, stream>>>(jobs, work);
+      forward_kernel<__nv_bfloat16, CROSS><<<grid, kThreads, 0, stream>>>(jobs, work);
       break;
     default:
       return cudaErrorInvalidValue;

@@ -111,3 +111,32 @@ def test_time_limit_records_skipped_rows_and_still_writes_files(tmp_path, monkey
     assert json.loads(paths[0].read_text())["meta"]["config"]["time_limit_s"] == 0
     assert len(list(csv.DictReader(paths[1].open()))) == len(result["records"]) + 1
     assert paths[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_scaling_part_quick(tmp_path):
+    """``bench --part scaling --quick``: 3 axes x 5 points x 2 calls timed against the GEMM floor
+    measured in the run, exponents fitted, JSON and PNG written."""
+    out = tmp_path / "scaling.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "guidance_kernels", "bench", "--part", "scaling", "--quick", "--device", "cpu",
+         "--dtype", "fp32", "--budget", "0.01", "--out", str(out)],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    assert result["meta"]["gemm_fp32_flops_per_s"] > 1e8 and result["meta"]["blas"]
+    for axis in ("n", "p", "L"):
+        for call in ("loss fwd+bwd", "cka_matrix"):
+            rows = [r for r in result["rows"] if r["axis"] == axis and r["call"] == call]
+            assert len(rows) >= 5 and len({r[axis] for r in rows}) == len(rows)
+            assert all(r["median_s"] > 0 and r["pct_floor"] > 0 and r["floor_s"] > 0 for r in rows)
+            assert isinstance(result["fits"][f"{call} vs {axis}"], float)
+    png = out.with_suffix(".png")
+    assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_scaling_part_rejects_unknown_part():
+    proc = subprocess.run([sys.executable, "-m", "guidance_kernels", "bench", "--part", "nope"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--part" in proc.stderr

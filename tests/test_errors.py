@@ -30,7 +30,7 @@ Y = torch.randn(8, 3)
         ([X], ["not a tensor"], {}, TypeError, r"pair 0 \(guide\): expected a torch.Tensor, got str"),
         ([X], [Y], {"metric": "cosine"}, ValueError, r"unknown metric 'cosine'"),
         ([X], [Y], {"reduction": "max"}, ValueError, r"unknown reduction 'max'"),
-        ([X], [Y], {"metric": "procrustes", "form": "feature"}, ValueError, r"form='feature' supports metric 'cka' only"),
+        ([X], [Y], {"metric": "procrustes", "form": "feature"}, ValueError, r"form='feature' supports metrics 'cka' and 'debiased_cka' only"),
     ],
 )
 def test_malformed_input_is_named(targets, guides, kwargs, exc, pattern):

@@ -21,7 +21,7 @@ EXTENSIONS = {f"{PKG}._C"}
 LAYERS = [
     ["_checks", "planning", "metrics", "kernels", "data", "files"],
     ["backends"],
-    ["ops"],
+    ["ops", "feature_debiased"],
     ["functional"],
     ["nn"],
     ["truth", "peer_adapters"],  # the bench's and the peer comparison's fp64 truth and peers

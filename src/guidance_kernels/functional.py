@@ -5,8 +5,9 @@ fp64). Heavy products run through the ``torch.library`` ops in :mod:`guidance_ke
 
 ``backend``: ``"auto"`` (fastest available for the device), ``"reference"`` (plain PyTorch),
 ``"triton"``, ``"cuda"``. ``form``: ``"auto"`` picks sample space (``n x n`` Grams) or feature
-space (``p x q`` cross-covariances) per pair by cost; debiased CKA and Procrustes always use
-sample space.
+space (``p x q`` cross-covariances) per pair by cost; CKA and debiased CKA have both forms
+(debiased CKA in feature space: :mod:`guidance_kernels.feature_debiased`, no ``n x n``
+Gram), Procrustes always uses sample space.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from torch import Tensor
 
 from guidance_kernels import _checks, metrics, ops
+from guidance_kernels.feature_debiased import debiased_cka_features
 from guidance_kernels.backends import resolve_backend
 from guidance_kernels.planning import (
     acc_dtype,
@@ -33,6 +35,7 @@ from guidance_kernels.planning import (
 Metric = Literal["cka", "debiased_cka", "procrustes", "angular_procrustes"]
 METRICS = ("cka", "debiased_cka", "procrustes", "angular_procrustes")
 _SIMILARITIES = ("cka", "debiased_cka")
+_FEATURE_METRICS = ("cka", "debiased_cka")
 
 __all__ = [
     "cka",
@@ -113,7 +116,9 @@ def _promote_pair(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     return x.to(dtype), y.to(dtype)
 
 
-def _feature_scores(xs, ys, backend) -> list[tuple[list[int], Tensor]]:
+def _feature_scores(xs, ys, backend, metric="cka") -> list[tuple[list[int], Tensor]]:
+    if metric == "debiased_cka":  # per pair, row blocks (plain PyTorch on any device)
+        return [([i], debiased_cka_features(x, y)[None]) for i, (x, y) in enumerate(zip(xs, ys))]
     parts = []
     key = lambda i: (tuple(xs[i].shape), tuple(ys[i].shape), acc_dtype(xs[i].dtype), acc_dtype(ys[i].dtype))  # noqa: E731
     for idx in group_by(range(len(xs)), key).values():
@@ -136,14 +141,14 @@ def pair_scores(
         raise ValueError(f"unknown metric {metric!r}; choose one of {METRICS}")
     if form not in ("auto", "sample", "feature"):
         raise ValueError(f"unknown form {form!r}; choose 'auto', 'sample' or 'feature'")
-    if form == "feature" and metric != "cka":
-        raise ValueError(f"form='feature' supports metric 'cka' only, not {metric!r}")
+    if form == "feature" and metric not in _FEATURE_METRICS:
+        raise ValueError(f"form='feature' supports metrics 'cka' and 'debiased_cka' only, not {metric!r}")
     xs, ys = _checks.check_pairs(targets, guides, min_n=4 if metric == "debiased_cka" else 2)
     name = resolve_backend(backend, xs + ys, shape_class(xs, ys) if backend == "auto" else None)
     if form == "auto":
         forms = [
             choose_form(x.shape[0], x.shape[1], y.shape[1])
-            if metric == "cka" and x.dtype == y.dtype
+            if metric in _FEATURE_METRICS and x.dtype == y.dtype
             else "sample"
             for x, y in zip(xs, ys)
         ]
@@ -160,7 +165,7 @@ def pair_scores(
             got = _sample_scores([xs[i] for i in sample], [ys[i] for i in sample], metric, name)
             parts += [([sample[j] for j in idx], s.to(dtype)) for idx, s in got]
         if feature:
-            got = _feature_scores([xs[i] for i in feature], [ys[i] for i in feature], name)
+            got = _feature_scores([xs[i] for i in feature], [ys[i] for i in feature], name, metric)
             parts += [([feature[j] for j in idx], s.to(dtype)) for idx, s in got]
         return assemble(parts, len(xs))
 

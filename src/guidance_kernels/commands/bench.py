@@ -28,6 +28,11 @@ class Scope(str, Enum):
     loss = "loss"
 
 
+class Part(str, Enum):
+    workloads = "workloads"
+    scaling = "scaling"
+
+
 def command(
     workloads: Optional[List[str]] = typer.Option(
         None, "--workload", "-w", help="Workload name or W1..W5; repeat for several (default: all)."
@@ -47,8 +52,11 @@ def command(
     ),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="JSON path; the CSV and PNG go beside it."),
     markdown: bool = typer.Option(False, "--markdown", help="Also print the table as Markdown."),
+    part: Part = typer.Option(Part.workloads, "--part", help="workloads (W1-W5) or scaling (cost curves in n, p, L)."),
 ) -> None:
     """Bench W1-W5 against eager, torch.compile, the paper's formulation and peers (% of floor)."""
+    if part == Part.scaling:
+        return _scaling(device, dtype.value, quick, budget, out)
     from guidance_kernels.bench import baselines, report
     from guidance_kernels.bench.runner import MODES, BenchConfig, run_bench
     from guidance_kernels.bench.workloads import get_workloads
@@ -85,4 +93,19 @@ def command(
         typer.echo(report.markdown_table(result))
     if out is not None:
         for p in report.write_all(result, out):
+            typer.echo(f"wrote {p}", err=True)
+
+
+def _scaling(device: str, dtype: str, quick: bool, budget: Optional[float], out: Optional[Path]) -> None:
+    import torch
+
+    from guidance_kernels.bench.runner import DTYPES
+    from guidance_kernels.bench.scaling import run_scaling, write_scaling
+
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    result = run_scaling(dev, DTYPES[dtype], quick, budget_s=budget, log=lambda s: typer.echo(s, err=True))
+    for name, k in result["fits"].items():
+        typer.echo(f"{name}: exponent {k:.2f}")
+    if out is not None:
+        for p in write_scaling(result, out):
             typer.echo(f"wrote {p}", err=True)

@@ -1,0 +1,60 @@
+"""The CPU symmetric rank-k update (backends/cpu_syrk.py) against a GEMM, and the reference
+backend's Grams with and without it against the fp64 reference, on offset data where
+||Kc|| / ||K|| ~ 1e-7 (the row shift must keep them exact)."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from guidance_kernels.backends import cpu_syrk, reference
+from tolerance import abs_product, assert_entrywise
+
+F32, F64 = torch.float32, torch.float64
+
+
+@pytest.mark.parametrize("dtype", [F32, F64])
+def test_syrk_matches_gemm_on_strided_blocks(dtype):
+    if not cpu_syrk.available(dtype):
+        pytest.skip("no MKL ?syrk in this PyTorch build (the GEMM fallback is tested below)")
+    g = torch.Generator().manual_seed(0)
+    big = torch.randn(30, 50, generator=g, dtype=dtype)
+    a, b = big[:, 3:20], big[:, 20:47]  # column blocks: row stride 50, no copy
+    c = torch.full((30, 30), float("nan"), dtype=dtype)
+    cpu_syrk.syrk_lower_(c, a, 0.0)  # beta = 0 ignores the (NaN) contents
+    cpu_syrk.syrk_lower_(c, b, 1.0)
+    iu = torch.triu_indices(30, 30, 1)
+    assert torch.isnan(c[iu[0], iu[1]]).all()  # the strict upper triangle is not touched
+    c = cpu_syrk.mirror_lower(c)
+    want = a.double() @ a.double().T + b.double() @ b.double().T
+    assert_entrywise(c, want, abs_product(big[:, 3:47], big[:, 3:47].T), k=44, acc_dtype=dtype, input_dtype=dtype)
+
+
+def _offset_inputs(dtype):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(24, 700, generator=g, dtype=F64) + 3e3  # ||Kc|| / ||K|| ~ 1e-7
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [F32, F64, torch.bfloat16])
+@pytest.mark.parametrize("sym", [True, False])
+def test_reference_gram_exact_on_offset_data(dtype, sym, monkeypatch):
+    if not sym:
+        monkeypatch.setattr(cpu_syrk, "available", lambda dtype: False)
+    monkeypatch.setattr(reference, "_SYRK_BLOCK_ELEMS", 24 * 256)  # several blocks
+    monkeypatch.setattr(reference, "_BLOCK_ELEMS", 24 * 256)
+    x = _offset_inputs(dtype)
+    got = reference.gram([x])[0]
+    xs = x.double() - x[0].double()  # the shifted rows, exact in fp64
+    want = xs @ xs.T
+    acc = F64 if dtype == F64 else F32
+    assert got.dtype == acc and torch.equal(got, got.T)
+    assert_entrywise(got, want, abs_product(xs, xs.T), k=700, acc_dtype=acc, input_dtype=acc)
+
+
+def test_env_switch_disables_mkl_syrk():
+    code = "import torch; from guidance_kernels.backends import cpu_syrk; print(cpu_syrk.available(torch.float32))"
+    env = {**__import__("os").environ, "GK_NO_MKL_SYRK": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == "False"

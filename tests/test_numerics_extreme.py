@@ -7,6 +7,7 @@ overflow at 1e200 as the old code did)."""
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -173,3 +174,64 @@ def test_fuzz_mixed_dtypes_and_extreme_magnitudes_match_the_fp64_truth(n, p, q, 
     documented = {"cka": 0.0, "debiased_cka": 0.0, "procrustes": 2.0, "angular_procrustes": math.pi / 2}[metric]
     tol = _tol(metric, x, y, acc)
     assert abs(float(v) - want) <= tol or float(v) == pytest.approx(documented, abs=tol), (float(v), want)
+
+
+# ------------------------------------------------------------------ memory, estimated up front
+BIG_N = 100_000
+
+
+@pytest.fixture
+def budget_1gb(monkeypatch):
+    monkeypatch.setenv("GUIDANCE_KERNELS_MAX_BYTES", "1e9")
+
+
+@pytest.mark.parametrize("call,where", [
+    (lambda x, y: gk.pair_scores([x], [y], form="sample"), r"pair 0 \(target \(100000, 8\), guide \(100000, 4\)\)"),
+    (lambda x, y: gk.cka(x, y, debiased=True), r"pair 0 .*debiased_cka"),
+    (lambda x, y: gk.procrustes(x, y), r"pair 0 .*procrustes"),
+    (lambda x, y: gk.guidance_loss([y[:50], x], [y[:50], y], metric="angular_procrustes"), r"pair 1 \(target \(100000, 8\)"),
+    (lambda x, y: gk.cka_matrix([x, y]), r"cka_matrix"),
+    (lambda x, y: gk.centered_gram(x), r"centered_gram\(x\)"),
+])
+def test_sample_form_at_large_n_raises_before_allocating(call, where, budget_1gb):
+    x, y = torch.randn(BIG_N, 8), torch.randn(BIG_N, 4)
+    with pytest.raises(ValueError, match=where) as err:
+        call(x, y)
+    assert re.search(r"needs about [0-9.e+]+ bytes.*budget of 1e\+09 bytes.*smaller batch", str(err.value)), err.value
+
+
+def test_default_budget_is_the_device_memory_and_still_refuses_100k_grams(monkeypatch):
+    monkeypatch.delenv("GUIDANCE_KERNELS_MAX_BYTES", raising=False)
+    x, y = torch.randn(BIG_N, 8), torch.randn(BIG_N, 4)  # 4e10 bytes per fp32 Gram
+    with pytest.raises(ValueError, match=r"form='feature'"):
+        gk.pair_scores([x], [y], form="sample")
+
+
+def test_mixed_dtypes_do_not_force_the_sample_form(budget_1gb):
+    g = torch.Generator().manual_seed(6)
+    x, y = torch.randn(BIG_N, 8, dtype=torch.float64, generator=g), torch.randn(BIG_N, 4, generator=g)
+    v = gk.cka(x, y)  # feature form: 8 x 4 products, not 100000^2 Grams
+    xc, yc = x - x.mean(0), y.double() - y.double().mean(0)  # the textbook feature-space CKA
+    want = float((xc.T @ yc).norm() ** 2 / ((xc.T @ xc).norm() * (yc.T @ yc).norm()))
+    assert abs(float(v) - want) <= _tol("cka", x, y, torch.float64)
+
+
+def test_feature_form_with_huge_p_raises(budget_1gb):
+    x, y = torch.randn(8, BIG_N), torch.randn(8, 10)
+    with pytest.raises(ValueError, match=r"pair 0 .*p x p, q x q, p x q = 100000 x 10.*form='sample'"):
+        gk.pair_scores([x], [y], form="feature")
+
+
+def test_budget_variable_is_validated_and_obeyed(monkeypatch):
+    x, y = torch.randn(64, 8), torch.randn(64, 4)
+    monkeypatch.setenv("GUIDANCE_KERNELS_MAX_BYTES", "lots")
+    with pytest.raises(ValueError, match=r"GUIDANCE_KERNELS_MAX_BYTES='lots' is not a number"):
+        gk.cka(x, y)
+    monkeypatch.setenv("GUIDANCE_KERNELS_MAX_BYTES", "-5")
+    with pytest.raises(ValueError, match=r"must be a positive number"):
+        gk.cka(x, y)
+    monkeypatch.setenv("GUIDANCE_KERNELS_MAX_BYTES", "1000")
+    with pytest.raises(ValueError, match=r"budget of 1e\+03 bytes"):
+        gk.pair_scores([x], [y], form="sample")
+    monkeypatch.setenv("GUIDANCE_KERNELS_MAX_BYTES", "1e9")
+    assert torch.isfinite(gk.pair_scores([x], [y], form="sample")).all()

@@ -85,7 +85,8 @@ def check_pairs(xs: Sequence[Tensor], ys: Sequence[Tensor], forms: Sequence[str]
         n, p, q = x.shape[0], x.shape[1], y.shape[1]
         if f == "sample":
             detail = f"n x n = {n} x {n} Grams and {metric} temporaries in form='sample'"
-            way = "use form='feature' (metric 'cka', p x q products) or a smaller batch"
+            way = ("use form='feature' (p x q products) or a smaller batch" if metric == "cka"
+                   else f"metric {metric!r} has the sample form only: use a smaller batch")
         else:
             detail = f"p x p, q x q, p x q = {p} x {q} products in form='feature'"
             way = "use form='sample' (n x n Grams) or fewer features per layer"

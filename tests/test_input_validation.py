@@ -126,3 +126,20 @@ def test_cross_backward_fake_checks_too():
             torch.ops.guidance_kernels.cross_backward(
                 [x, x], torch.empty(1, 5, 5), [y, y], torch.empty(2, 3, 5), torch.empty(2, 5), "reference"
             )
+
+
+@pytest.mark.parametrize("weights,exc,pattern", [
+    (["a"], TypeError, r"weights\[0\] \(pair 0\) must be a real number, got str"),
+    ([1.0, -2.0], ValueError, r"weights\[1\] \(pair 1\) = -2.0"),
+    ([None], TypeError, r"weights\[0\].*NoneType"),
+    (torch.tensor([1.0 + 1j]), TypeError, r"real tensor"),
+])
+def test_module_weights_are_validated_at_construction(weights, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        gk.GuidanceLoss(weights=weights)
+
+
+def test_module_weights_accept_numbers_and_tensors():
+    crit = gk.GuidanceLoss(weights=torch.tensor([0.5, 2.0]))
+    assert crit.weights == (0.5, 2.0)
+    torch.testing.assert_close(crit([X, X], [Y, Y]), gk.guidance_loss([X, X], [Y, Y], weights=[0.5, 2.0]))

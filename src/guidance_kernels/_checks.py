@@ -105,6 +105,20 @@ def _check_values(vals: Sequence[float]) -> None:
             raise ValueError(f"weights[{i}] (pair {i}) = {w}: weights must be finite and non-negative")
 
 
+def weight_values(weights) -> tuple[float, ...]:
+    """Per-pair weights given ahead of the pairs (e.g. to a module) as a tuple of floats, each a
+    finite, non-negative real number (errors name the entry); the count is checked per call."""
+    if isinstance(weights, Tensor):
+        if weights.is_complex() or weights.dtype == torch.bool or weights.dim() != 1:
+            raise TypeError(f"weights must be a 1-D real tensor or a list of numbers, got {weights.dtype} {tuple(weights.shape)}")
+        weights = list(weights.unbind(0))
+    if isinstance(weights, (str, bytes)):
+        raise TypeError(f"weights must be a list or tuple of numbers, got {type(weights).__name__}")
+    vals = [_weight_value(w, i) for i, w in enumerate(_as_list(weights, "weights"))]
+    _check_values(vals)
+    return tuple(vals)
+
+
 def check_weights(weights, count: int, like: Tensor) -> Optional[Tensor]:
     """Per-pair weights ``(count,)`` as ``like``'s dtype and device, or None. A list/tuple of real
     numbers, or a 1-D real tensor on ``like``'s device or the CPU. Values (finite, >= 0) are

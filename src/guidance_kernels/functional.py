@@ -7,6 +7,13 @@ fp64). Heavy products run through the ``torch.library`` ops in :mod:`guidance_ke
 ``"triton"``, ``"cuda"``. ``form``: ``"auto"`` picks sample space (``n x n`` Grams) or feature
 space (``p x q`` cross-covariances) per pair by cost; debiased CKA and Procrustes always use
 sample space.
+
+Numerics (rules, documented in :mod:`.metrics`, :mod:`._scaling`, :mod:`._memory`): a pair with
+one fp64 side is computed in fp64 on both sides (either form); every input is rescaled by an
+on-device power of two when ``max|x|`` is outside ``[2^-16, 2^16)`` (exact, no host sync);
+the ``n x n`` / ``p x q`` temporaries a call needs are estimated from shapes first, and a call
+over the budget (``GUIDANCE_KERNELS_MAX_BYTES``, default the device's memory) raises a
+``ValueError`` naming the pair.
 """
 
 from __future__ import annotations

@@ -235,3 +235,20 @@ def test_budget_variable_is_validated_and_obeyed(monkeypatch):
         gk.pair_scores([x], [y], form="sample")
     monkeypatch.setenv("GUIDANCE_KERNELS_MAX_BYTES", "1e9")
     assert torch.isfinite(gk.pair_scores([x], [y], form="sample")).all()
+
+
+@pytest.mark.parametrize("dtype,scale", [(torch.float32, 1e20), (torch.float32, 1e-20), (torch.float64, 1e200)])
+def test_extreme_magnitude_with_a_shared_offset(dtype, scale):
+    """Deep-layer-like input (a large offset shared by all samples, spread 1e-3 of it) at an
+    extreme magnitude: the rescaling and the backends' row shift compose."""
+    g = torch.Generator().manual_seed(7)
+    x = ((1 + 1e-3 * torch.randn(12, 6, dtype=torch.float64, generator=g)) * scale).to(dtype)
+    y = torch.randn(12, 4, dtype=torch.float64, generator=g).to(dtype)
+    for metric in gk.METRICS:
+        v, gx, _ = _score_and_grads(metric, x, y)
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        # the truth of x - x[0] (exact in fp64 by Sterbenz: entries within a factor 2): the
+        # textbook formulas on raw Grams would lose (offset / spread)^2 eps to cancellation
+        xs = x.double() - x.double()[:1]
+        assert abs(float(v) - _truth(metric, xs, y)) <= _tol(metric, x, y, acc), (metric, float(v))
+        assert torch.isfinite(gx).all()

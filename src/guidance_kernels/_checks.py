@@ -122,7 +122,8 @@ def weight_values(weights) -> tuple[float, ...]:
 def check_weights(weights, count: int, like: Tensor) -> Optional[Tensor]:
     """Per-pair weights ``(count,)`` as ``like``'s dtype and device, or None. A list/tuple of real
     numbers, or a 1-D real tensor on ``like``'s device or the CPU. Values (finite, >= 0) are
-    checked for lists and CPU tensors; a tensor on an accelerator is not read (no host sync)."""
+    checked for lists and CPU tensors; a tensor on an accelerator (or under ``torch.compile``) is
+    not read (no host sync)."""
     if weights is None:
         return None
     if isinstance(weights, Tensor):
@@ -136,7 +137,7 @@ def check_weights(weights, count: int, like: Tensor) -> Optional[Tensor]:
             raise ValueError("weights is a meta tensor (no data); pass real numbers")
         if weights.device.type != "cpu" and weights.device != like.device:
             raise ValueError(f"weights are on {weights.device} but the pairs are on {like.device}")
-        if weights.device.type == "cpu":
+        if weights.device.type == "cpu" and not torch.compiler.is_compiling():
             _check_values(weights.detach().double().tolist())
         return weights.to(device=like.device, dtype=like.dtype)
     if isinstance(weights, (str, bytes)):

@@ -4,7 +4,8 @@ naming the pair, the bytes and the way out, instead of dying in the allocator.
 
 Budget: the environment variable ``GUIDANCE_KERNELS_MAX_BYTES`` (bytes, e.g. ``8e9``) if set,
 else the device's memory (a CUDA device's total memory, the host's physical memory for CPU
-tensors); meta tensors are not checked. The estimates are the peak of the temporaries the call
+tensors); meta tensors, and calls traced by ``torch.compile``, are not checked (run the call
+once eagerly to check it). The estimates are the peak of the temporaries the call
 holds at once (forward and backward), within a small factor: Grams in the accumulation dtype,
 their centered copies, and the fp64 statistics / eigendecompositions of the metric.
 """
@@ -64,6 +65,8 @@ def _raise(where: str, need: float, limit: float, detail: str, way_out: str) -> 
 def check_pairs(xs: Sequence[Tensor], ys: Sequence[Tensor], forms: Sequence[str], metric: str) -> None:
     """Estimate the call's peak temporaries for pairs ``(xs[i], ys[i])`` (2-D) computed in
     ``forms[i]`` with ``metric``; raise ValueError naming the largest pair if over budget."""
+    if torch.compiler.is_compiling():  # checked when the call runs eagerly (traced: skipped)
+        return
     limit = budget(xs[0].device)
     if limit == float("inf"):
         return
@@ -96,6 +99,8 @@ def check_pairs(xs: Sequence[Tensor], ys: Sequence[Tensor], forms: Sequence[str]
 def check_grams(xs: Sequence[Tensor], where: str, per_pair: int = 0, pairs: int = 0) -> None:
     """Estimate for the centered Grams of the distinct tensors of ``xs`` (one ``n``) plus ``pairs``
     products of ``per_pair`` fp64 ``n x n`` temporaries; raise ValueError naming ``where``."""
+    if torch.compiler.is_compiling():
+        return
     limit = budget(xs[0].device)
     if limit == float("inf"):
         return

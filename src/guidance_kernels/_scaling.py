@@ -18,9 +18,9 @@ Zero, constant and non-finite input keeps ``s = 1`` (degenerate / NaN as before)
 gradient of a score is ``~1/|x|``, so for fp32 input below ``~1e-38`` (subnormal) the true
 gradient itself is outside fp32's range.
 
-Cost: one read of every input (the min/max) and one scaled copy (read + write) per call,
-whatever the factor; measured in the numerics report (CPU: a few percent of the loss on large
-activations, more on many tiny layers where per-op overhead dominates).
+Cost: one read of every input (the min/max) and, on accelerators, one scaled copy (read +
+write, and its gradient) per call whatever the factor (deciding on the host would sync). CPU
+tensors read the factor for free and skip the copy when it is 1.
 """
 
 from __future__ import annotations
@@ -84,8 +84,16 @@ def rescale_all(xs: list[Tensor]) -> list[Tensor]:
         else:
             index.append(len(uniq))
             uniq.append(x)
-    scaled = [x * s for x, s in zip(uniq, scale_factors(uniq))]
+    eager = not torch.compiler.is_compiling()
+    scaled = [x if eager and _is_one_on_host(x, s) else x * s for x, s in zip(uniq, scale_factors(uniq))]
     return [scaled[j] for j in index]
+
+
+def _is_one_on_host(x: Tensor, s: Tensor) -> bool:
+    """True when ``s == 1`` can be read without a device sync (CPU tensors; reading a CPU scalar
+    costs nothing): the common in-window case then skips the scaled copy. On accelerators (and
+    under ``torch.compile``) the copy is always made, so the call never waits on the device."""
+    return x.device.type == "cpu" and bool(s == 1)
 
 
 def scale_factor(x: Tensor) -> Tensor:

@@ -46,11 +46,9 @@ def _power_of_two(k: Tensor) -> Tensor:
     return ((k + 1023) << 52).view(torch.float64)
 
 
-def scale_factors(xs: list[Tensor]) -> list[Tensor]:
-    """0-dim power of two ``s_i`` (in ``xs[i].dtype``, detached) for each tensor of ``xs``
-    (module doc): one min/max pass per tensor, then the exponent arithmetic for all tensors of
-    a dtype at once on a short fp64 vector."""
-    out: list = [None] * len(xs)
+def _exponents(xs: list[Tensor]) -> list[tuple[list[int], Tensor, torch.dtype]]:
+    """Per group of one dtype and device: (positions, int64 ``k`` with ``s = 2^k``, dtype)."""
+    out = []
     with torch.no_grad():
         by_dtype: dict = {}
         for i, x in enumerate(xs):
@@ -65,8 +63,33 @@ def scale_factors(xs: list[Tensor]) -> list[Tensor]:
             k = torch.where((e >= -WINDOW) & (e < WINDOW), torch.zeros_like(e), -e)
             k = k.clamp(-(emax - 1), emax - 1)  # s representable in the dtype (subnormal input)
             k = torch.where((m > 0) & torch.isfinite(m), k, torch.zeros_like(k))
+            out.append((idx, k, dtype))
+    return out
+
+
+def scale_factors(xs: list[Tensor]) -> list[Tensor]:
+    """0-dim power of two ``s_i`` (in ``xs[i].dtype``, detached) for each tensor of ``xs``
+    (module doc): one min/max pass per tensor, then the exponent arithmetic for all tensors of
+    a dtype at once on a short fp64 vector."""
+    out: list = [None] * len(xs)
+    for idx, k, dtype in _exponents(xs):
+        for j, s in zip(idx, _power_of_two(k).to(dtype).unbind(0)):
+            out[j] = s
+    return out
+
+
+def _rescale_distinct(xs: list[Tensor]) -> list[Tensor]:
+    out: list = [None] * len(xs)
+    eager = not torch.compiler.is_compiling()
+    for idx, k, dtype in _exponents(xs):
+        if eager and k.device.type == "cpu":
+            # CPU: reading the exponents is no device sync (one read per dtype); the common
+            # in-window case (k = 0) skips the scaled copy
+            for j, kj in zip(idx, k.tolist()):
+                out[j] = xs[j] if kj == 0 else xs[j] * _power_of_two(torch.tensor(kj)).to(dtype)
+        else:  # accelerators / traced: always multiply, never wait on the device
             for j, s in zip(idx, _power_of_two(k).to(dtype).unbind(0)):
-                out[j] = s
+                out[j] = xs[j] * s
     return out
 
 
@@ -84,16 +107,8 @@ def rescale_all(xs: list[Tensor]) -> list[Tensor]:
         else:
             index.append(len(uniq))
             uniq.append(x)
-    eager = not torch.compiler.is_compiling()
-    scaled = [x if eager and _is_one_on_host(x, s) else x * s for x, s in zip(uniq, scale_factors(uniq))]
+    scaled = _rescale_distinct(uniq)
     return [scaled[j] for j in index]
-
-
-def _is_one_on_host(x: Tensor, s: Tensor) -> bool:
-    """True when ``s == 1`` can be read without a device sync (CPU tensors; reading a CPU scalar
-    costs nothing): the common in-window case then skips the scaled copy. On accelerators (and
-    under ``torch.compile``) the copy is always made, so the call never waits on the device."""
-    return x.device.type == "cpu" and bool(s == 1)
 
 
 def scale_factor(x: Tensor) -> Tensor:

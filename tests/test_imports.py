@@ -19,7 +19,7 @@ EXTENSIONS = {f"{PKG}._C"}
 
 # lowest first; a module may import modules of its own layer or below, never above
 LAYERS = [
-    ["_checks", "planning", "metrics", "kernels", "data", "files"],
+    ["_checks", "planning", "metrics", "kernels", "data", "files", "_scaling", "_memory"],
     ["backends"],
     ["ops", "feature_debiased"],
     ["functional"],

@@ -3,6 +3,8 @@ Every error names the pair (or list position) and the problem."""
 
 from __future__ import annotations
 
+import math
+
 from typing import Optional, Sequence
 
 import torch
@@ -19,6 +21,13 @@ def check_tensor(t, where: str, min_n: int = 2) -> None:
     """One representation: a float tensor (n, features...) with n >= min_n and features >= 1."""
     if not isinstance(t, Tensor):
         raise TypeError(f"{where}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.is_nested:
+        raise TypeError(f"{where}: nested tensors are not supported; pad them to a dense (n, features...) tensor")
+    if t.layout != torch.strided:
+        raise TypeError(
+            f"{where}: expected a dense (strided) tensor, got layout {t.layout}; convert it with "
+            f".to_dense()"
+        )
     if t.is_complex() or not t.is_floating_point():
         raise TypeError(f"{where}: expected a floating-point tensor, got dtype {t.dtype}")
     if t.dim() < 2:
@@ -75,14 +84,67 @@ def check_list(xs, name: str, *, min_n: int = 2) -> list[Tensor]:
     return [flatten(x) for x in xs]
 
 
+def _weight_value(w, i: int) -> float:
+    if isinstance(w, bool) or w is None or isinstance(w, (str, bytes)):
+        raise TypeError(f"weights[{i}] (pair {i}) must be a real number, got {type(w).__name__} {w!r}")
+    if isinstance(w, Tensor):
+        if w.numel() != 1 or w.is_complex() or w.device.type == "meta":
+            raise TypeError(f"weights[{i}] (pair {i}) must be a real number, got a tensor {tuple(w.shape)} {w.dtype} on {w.device}")
+        w = w.detach().cpu().item()  # a Python list's entries live on the host anyway
+    if isinstance(w, complex):
+        raise TypeError(f"weights[{i}] (pair {i}) must be a real number, got complex {w!r}")
+    try:
+        return float(w)
+    except (TypeError, ValueError):
+        raise TypeError(f"weights[{i}] (pair {i}) must be a real number, got {type(w).__name__} {w!r}") from None
+
+
+def _check_values(vals: Sequence[float]) -> None:
+    for i, w in enumerate(vals):
+        if not math.isfinite(w) or w < 0:
+            raise ValueError(f"weights[{i}] (pair {i}) = {w}: weights must be finite and non-negative")
+
+
+def weight_values(weights) -> tuple[float, ...]:
+    """Per-pair weights given ahead of the pairs (e.g. to a module) as a tuple of floats, each a
+    finite, non-negative real number (errors name the entry); the count is checked per call."""
+    if isinstance(weights, Tensor):
+        if weights.is_complex() or weights.dtype == torch.bool or weights.dim() != 1:
+            raise TypeError(f"weights must be a 1-D real tensor or a list of numbers, got {weights.dtype} {tuple(weights.shape)}")
+        weights = list(weights.unbind(0))
+    if isinstance(weights, (str, bytes)):
+        raise TypeError(f"weights must be a list or tuple of numbers, got {type(weights).__name__}")
+    vals = [_weight_value(w, i) for i, w in enumerate(_as_list(weights, "weights"))]
+    _check_values(vals)
+    return tuple(vals)
+
+
 def check_weights(weights, count: int, like: Tensor) -> Optional[Tensor]:
+    """Per-pair weights ``(count,)`` as ``like``'s dtype and device, or None. A list/tuple of real
+    numbers, or a 1-D real tensor on ``like``'s device or the CPU. Values (finite, >= 0) are
+    checked for lists and CPU tensors; a tensor on an accelerator (or under ``torch.compile``) is
+    not read (no host sync)."""
     if weights is None:
         return None
     if isinstance(weights, Tensor):
+        if weights.is_nested or weights.layout != torch.strided:
+            raise TypeError(f"weights must be a dense tensor, got layout {weights.layout}")
+        if weights.is_complex() or weights.dtype == torch.bool:
+            raise TypeError(f"weights must be real, got dtype {weights.dtype}")
         if weights.dim() != 1 or weights.shape[0] != count:
             raise ValueError(f"weights must have shape ({count},) for {count} pairs, got {tuple(weights.shape)}")
+        if weights.device.type == "meta" and like.device.type != "meta":
+            raise ValueError("weights is a meta tensor (no data); pass real numbers")
+        if weights.device.type != "cpu" and weights.device != like.device:
+            raise ValueError(f"weights are on {weights.device} but the pairs are on {like.device}")
+        if weights.device.type == "cpu" and not torch.compiler.is_compiling():
+            _check_values(weights.detach().double().tolist())
         return weights.to(device=like.device, dtype=like.dtype)
+    if isinstance(weights, (str, bytes)):
+        raise TypeError(f"weights must be a list or tuple of numbers, got {type(weights).__name__}")
     weights = _as_list(weights, "weights")
     if len(weights) != count:
         raise ValueError(f"weights has {len(weights)} entries for {count} layer pairs")
-    return torch.tensor([float(w) for w in weights], dtype=like.dtype, device=like.device)
+    vals = [_weight_value(w, i) for i, w in enumerate(weights)]
+    _check_values(vals)
+    return torch.tensor(vals, dtype=like.dtype, device=like.device)

@@ -8,6 +8,13 @@ fp64). Heavy products run through the ``torch.library`` ops in :mod:`guidance_ke
 space (``p x q`` cross-covariances) per pair by cost; CKA and debiased CKA have both forms
 (debiased CKA in feature space: :mod:`guidance_kernels.feature_debiased`, no ``n x n``
 Gram), Procrustes always uses sample space.
+
+Numerics (rules, documented in :mod:`.metrics`, :mod:`._scaling`, :mod:`._memory`): a pair with
+one fp64 side is computed in fp64 on both sides (either form); every input is rescaled by an
+on-device power of two when ``max|x|`` is outside ``[2^-16, 2^16)`` (exact, no host sync);
+the ``n x n`` / ``p x q`` temporaries a call needs are estimated from shapes first, and a call
+over the budget (``GUIDANCE_KERNELS_MAX_BYTES``, default the device's memory) raises a
+``ValueError`` naming the pair.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from typing import Literal, Optional, Sequence
 import torch
 from torch import Tensor
 
-from guidance_kernels import _checks, metrics, ops
+from guidance_kernels import _checks, _memory, _scaling, metrics, ops
 from guidance_kernels.feature_debiased import debiased_cka_features
 from guidance_kernels.backends import resolve_backend
 from guidance_kernels.planning import (
@@ -110,10 +117,18 @@ def _sample_scores(xs, ys, metric, backend) -> list[tuple[list[int], Tensor]]:
     return parts
 
 
-def _promote_pair(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+def _same_dtype(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     """Both to the common dtype (one copy of the lower-precision tensor when they differ)."""
     dtype = torch.promote_types(x.dtype, y.dtype)
     return x.to(dtype), y.to(dtype)
+
+
+def _promote_pair(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """A pair whose accumulation dtypes differ (one side fp64) as fp64 on both sides; others as
+    they are (a bf16 / fp32 pair both accumulate in fp32)."""
+    if acc_dtype(x.dtype) == acc_dtype(y.dtype):
+        return x, y
+    return x.double(), y.double()
 
 
 def _feature_scores(xs, ys, backend, metric="cka") -> list[tuple[list[int], Tensor]]:
@@ -144,23 +159,30 @@ def pair_scores(
     if form == "feature" and metric not in _FEATURE_METRICS:
         raise ValueError(f"form='feature' supports metrics 'cka' and 'debiased_cka' only, not {metric!r}")
     xs, ys = _checks.check_pairs(targets, guides, min_n=4 if metric == "debiased_cka" else 2)
+    # one rule for mixed pairs: a pair whose sides accumulate in different dtypes (one side
+    # fp64) is computed in fp64, both sides (one fp64 copy of the narrower side), under fp64's
+    # degenerate rule; it may then use either form
+    xs, ys = map(list, zip(*(_promote_pair(x, y) for x, y in zip(xs, ys))))
     name = resolve_backend(backend, xs + ys, shape_class(xs, ys) if backend == "auto" else None)
     if form == "auto":
         forms = [
             choose_form(x.shape[0], x.shape[1], y.shape[1])
-            if metric in _FEATURE_METRICS and x.dtype == y.dtype
+            if metric == "cka" or (metric in _FEATURE_METRICS and x.dtype == y.dtype)
             else "sample"
             for x, y in zip(xs, ys)
         ]
     else:
         forms = [form] * len(xs)
         if form == "feature":  # the cross products need one dtype per pair
-            xs, ys = map(list, zip(*(_promote_pair(x, y) for x, y in zip(xs, ys))))
+            xs, ys = map(list, zip(*(_same_dtype(x, y) for x, y in zip(xs, ys))))
+    _memory.check_pairs(xs, ys, forms, metric)
     sample = [i for i, f in enumerate(forms) if f == "sample"]
     feature = [i for i, f in enumerate(forms) if f == "feature"]
     dtype = score_dtype(xs + ys)
     parts: list[tuple[list[int], Tensor]] = []
     with no_autocast(xs[0].device):
+        scaled = _scaling.rescale_all(xs + ys)  # extreme magnitudes: see _scaling
+        xs, ys = scaled[: len(xs)], scaled[len(xs) :]
         if sample:
             got = _sample_scores([xs[i] for i in sample], [ys[i] for i in sample], metric, name)
             parts += [([sample[j] for j in idx], s.to(dtype)) for idx, s in got]
@@ -215,8 +237,16 @@ def procrustes(x: Tensor, y: Tensor, *, angular: bool = False, backend: str = "a
 def centered_gram(x: Tensor, *, backend: str = "auto") -> Tensor:
     """``H X Xᵀ H`` for ``x`` (n, ...) -> (n, n), fp32 (fp64 for fp64 input)."""
     (x2,) = _checks.check_list([x], "x")
+    _memory.check_grams([x2], "centered_gram(x)")
     with no_autocast(x2.device):
         return ops.gram([x2], resolve_backend(backend, [x2]))[0]
+
+
+def _as_double(ts: list[Tensor]) -> list[Tensor]:
+    """fp64 versions of ``ts``, one copy per distinct tensor (identity kept for repeats)."""
+    uniq, index = unique(ts)
+    d = [t.double() for t in uniq]
+    return [d[i] for i in index]
 
 
 def cka_matrix(
@@ -237,8 +267,14 @@ def cka_matrix(
     if ys2[0].device != xs2[0].device:
         raise ValueError(f"xs are on {xs2[0].device} but ys are on {ys2[0].device}")
     dtype = score_dtype(xs2 + ys2)
+    if dtype == torch.float64:  # mixed members: all in fp64, under fp64's rule (as pair_scores)
+        xs2 = _as_double(xs2)
+        ys2 = xs2 if ys is None else _as_double(ys2)
+    members = xs2 + ys2 if ys is not None else xs2
+    _memory.check_grams(members, "cka_matrix", per_pair=6 if debiased else 3, pairs=len(members))
     with no_autocast(xs2[0].device):
-        grams = stacked_grams(xs2 + ys2, resolve_backend(backend, xs2 + ys2))
+        scaled = _scaling.rescale_all(xs2 + ys2)
+        grams = stacked_grams(scaled, resolve_backend(backend, xs2 + ys2))
         units = metrics.unit_centered_grams(grams.to(dtype), debiased)
         u, v = units[: len(xs2)], units[len(xs2) :]
         return u.flatten(1) @ v.flatten(1).T

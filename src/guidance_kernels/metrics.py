@@ -13,6 +13,12 @@ Numerics and degenerate input (documented behaviour):
   every metric is scale invariant (degree-0 homogeneous), so that is exact, and it keeps squares
   and gradients in range. A representation with ``||Xc||_F^2 <= tiny/eps`` of the accumulation
   dtype (``||Xc||_F`` below about 3e-16 in fp32, 1e-146 in fp64) counts as constant.
+* The public functions (:mod:`guidance_kernels.functional`) first rescale every input by a
+  power of two on the device (:mod:`guidance_kernels._scaling`), so at that level any finite
+  magnitude (fp32 up to 3.4e38 or down to subnormals, fp64 up to 1.8e308) gives the true score;
+  the floor below applies to Grams handed to these functions directly.
+* A pair whose sides accumulate in different dtypes (one side fp64) is computed in fp64 on both
+  sides and judged by fp64's rule (the narrower side's numbers are exact in fp64).
 * A *degenerate* representation has no variance across samples (constant, dead ReLU, all-zero,
   or below that floor); for debiased CKA also one whose U-centered Gram is rounding noise
   (``||U(K)|| <= 64 eps ||K~c||``). A degenerate pair has CKA = 0 (guidance loss 1), debiased

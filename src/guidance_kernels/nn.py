@@ -6,6 +6,7 @@ from typing import Optional, Sequence
 
 from torch import Tensor, nn
 
+from guidance_kernels import _checks
 from guidance_kernels.functional import guidance_loss
 
 
@@ -24,7 +25,7 @@ class GuidanceLoss(nn.Module):
         super().__init__()
         self.metric, self.reduction, self.backend, self.form = metric, reduction, backend, form
         # a tuple of floats, not a buffer: module.to(bfloat16) must not round the weights
-        self.weights = None if weights is None else tuple(float(w) for w in weights)
+        self.weights = None if weights is None else _checks.weight_values(weights)
 
     def forward(self, targets: Sequence[Tensor], guides: Sequence[Tensor]) -> Tensor:
         return guidance_loss(

@@ -84,6 +84,29 @@ def _check_group(op: str, xs: Sequence[Tensor], name: str, same_features: bool) 
             raise ValueError(f"guidance_kernels::{op}: {name}[{i}] has shape {tuple(x.shape)}; a group needs {want}")
 
 
+def _check_stack(op: str, name: str, t: Tensor, want: tuple, what: str) -> None:
+    if tuple(t.shape) != tuple(want):
+        raise ValueError(f"guidance_kernels::{op}: {name} has shape {tuple(t.shape)}; expected {tuple(want)} ({what})")
+
+
+def _check_gram_backward(m: Tensor, xs: Sequence[Tensor]) -> None:
+    _check_group("gram_backward", xs, "xs", same_features=False)
+    n = xs[0].shape[0]
+    _check_stack("gram_backward", "m", m, (len(xs), n, n), f"one (n, n) matrix for each of the {len(xs)} xs")
+
+
+def _check_cross_backward(xs, m, ys, nm, v) -> None:
+    op = "cross_backward"
+    _check_group(op, xs, "xs", same_features=True)
+    _check_group(op, ys, "ys", same_features=True)
+    L, n, p, q = len(xs), xs[0].shape[0], xs[0].shape[1], ys[0].shape[1]
+    if len(ys) != L or ys[0].shape[0] != n:
+        raise ValueError(f"guidance_kernels::{op}: {L} xs of {tuple(xs[0].shape)} vs {len(ys)} ys of {tuple(ys[0].shape)}")
+    _check_stack(op, "m", m, (L, p, p), f"one (p, p) for each of the {L} xs")
+    _check_stack(op, "nm", nm, (L, q, p), f"one (q, p) for each of the {L} pairs")
+    _check_stack(op, "v", v, (L, p), f"one (p,) for each of the {L} xs")
+
+
 # --------------------------------------------------------------------------- gram
 @torch.library.custom_op("guidance_kernels::gram", mutates_args=())
 def gram(xs: list[Tensor], backend: str) -> Tensor:
@@ -105,12 +128,14 @@ def _(xs, backend):
 @torch.library.custom_op("guidance_kernels::gram_backward", mutates_args=())
 def gram_backward(m: Tensor, xs: list[Tensor], backend: str) -> list[Tensor]:
     """m: (L, n, n), xs: L (n, p_i) -> [m[i] @ (x_i - 1 x_i[0])], (n, p_i) in x_i's dtype."""
+    _check_gram_backward(m, xs)
     with _no_autocast(xs):
         return get_backend(backend).gram_backward(list(m.unbind(0)), list(xs))
 
 
 @gram_backward.register_fake
 def _(m, xs, backend):
+    _check_gram_backward(m, xs)
     return [torch.empty_like(x, memory_format=torch.contiguous_format) for x in xs]
 
 
@@ -204,6 +229,7 @@ def cross_backward(
 ) -> list[Tensor]:
     """[x'_i @ m[i] + y'_i @ nm[i] + v[i]] with x' = x - 1 x[0], y' = y - 1 y[0]; xs[i]: (n, p),
     m: (L, p, p), ys[i]: (n, q), nm: (L, q, p), v: (L, p); in x_i's dtype."""
+    _check_cross_backward(xs, m, ys, nm, v)
     with _no_autocast(xs):
         return get_backend(backend).cross_backward(
             list(xs), list(m.unbind(0)), list(ys), list(nm.unbind(0)), list(v.unbind(0))
@@ -212,6 +238,7 @@ def cross_backward(
 
 @cross_backward.register_fake
 def _(xs, m, ys, nm, v, backend):
+    _check_cross_backward(xs, m, ys, nm, v)
     return [torch.empty_like(x, memory_format=torch.contiguous_format) for x in xs]
 
 

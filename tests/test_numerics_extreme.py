@@ -18,7 +18,7 @@ import guidance_kernels as gk
 import reference_math as R
 from tolerance import eps, rel, score_bound
 
-FORMS = {"cka": ("auto", "sample", "feature"), "debiased_cka": ("sample",),
+FORMS = {"cka": ("auto", "sample", "feature"), "debiased_cka": ("auto", "sample", "feature"),
          "procrustes": ("sample",), "angular_procrustes": ("sample",)}
 
 
@@ -201,9 +201,21 @@ def budget_1gb(monkeypatch):
     monkeypatch.setenv("GUIDANCE_KERNELS_MAX_BYTES", "1e9")
 
 
+def test_debiased_auto_at_large_n_takes_the_feature_form(budget_1gb):
+    """Debiased CKA has a feature form (no n x n Gram): form='auto' at n = 100,000 fits the budget
+    and equals the fp64 value of the same estimator."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(BIG_N, 8, generator=g), torch.randn(BIG_N, 4, generator=g)
+    y = y + 0.5 * x[:, :4]
+    got = gk.cka(x, y, debiased=True)
+    want = gk.pair_scores([x.double()], [y.double()], metric="debiased_cka", form="feature")[0]
+    assert torch.isfinite(got)
+    assert abs(got.double() - want).item() <= score_bound("debiased_cka", torch.float32, BIG_N, 8)
+
+
 @pytest.mark.parametrize("call,where", [
     (lambda x, y: gk.pair_scores([x], [y], form="sample"), r"pair 0 \(target \(100000, 8\), guide \(100000, 4\)\)"),
-    (lambda x, y: gk.cka(x, y, debiased=True), r"pair 0 .*debiased_cka"),
+    (lambda x, y: gk.pair_scores([x], [y], metric="debiased_cka", form="sample"), r"pair 0 .*debiased_cka"),
     (lambda x, y: gk.procrustes(x, y), r"pair 0 .*procrustes"),
     (lambda x, y: gk.guidance_loss([y[:50], x], [y[:50], y], metric="angular_procrustes"), r"pair 1 \(target \(100000, 8\)"),
     (lambda x, y: gk.cka_matrix([x, y]), r"cka_matrix"),

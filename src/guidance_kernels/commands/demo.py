@@ -30,6 +30,10 @@ def command(
         if n not in CHOICES:
             raise typer.BadParameter(f"unknown experiment {n!r}; choose from {', '.join(CHOICES)}",
                                      param_hint="--experiment")
+    from pathlib import Path
+
+    if Path(out).exists() and not Path(out).is_dir():  # checked before minutes of training
+        raise typer.BadParameter(f"{out} is taken by a file; give a folder", param_hint="--out")
     from guidance_kernels.train.experiments.main import run_demo
 
     run_demo(names, seeds=seeds, steps=steps, quick=quick, out=out, workers=workers)

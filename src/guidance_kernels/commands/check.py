@@ -10,11 +10,11 @@ from rich.console import Console
 from rich.table import Table
 
 
-def _fp64_cka(x: torch.Tensor, y: torch.Tensor) -> float:
-    x = x.reshape(x.shape[0], -1).double()
-    y = y.reshape(y.shape[0], -1).double()
-    x, y = x - x.mean(0), y - y.mean(0)
-    return float((x.T @ y).norm() ** 2 / ((x.T @ x).norm() * (y.T @ y).norm()))
+def _tolerance(n: int, p: int) -> float:
+    """fp32 rounding bound for an O(1) CKA of ``n`` samples and ``p`` features: ``4 k eps`` with
+    ``k = max(n, p) + 2n`` terms per accumulated sum (products, then centering), the same model
+    as the test suite's ``score_bound``; not a number tuned on one CPU."""
+    return 4 * (max(n, p) + 2 * n) * torch.finfo(torch.float32).eps
 
 
 def command(
@@ -52,9 +52,12 @@ def command(
             table.add_column(name, justify="right")
         else:
             console.print(f"[dim]backend {name!r} skipped: {why}[/dim]")
-    worst = 0.0
+    from guidance_kernels.truth import cka as fp64_cka
+
+    worst, tol = 0.0, 0.0
     for label, rep in reps.items():
-        ref = _fp64_cka(base, rep)
+        ref = float(fp64_cka(base, rep))
+        tol = max(tol, _tolerance(n, max(base[0].numel(), rep[0].numel())))
         row = [label, f"{ref:.6f}"]
         for name in backends:
             got = float(gk.cka(base.to(dev), rep.to(dev), backend=name))
@@ -62,7 +65,7 @@ def command(
             row.append(f"{got:.6f}")
         table.add_row(*row)
     console.print(table)
-    ok = worst < 1e-5
-    console.print(f"max |backend - fp64| = {worst:.2e}: " + ("[green]OK[/green]" if ok else "[red]MISMATCH[/red]"))
+    ok = worst <= tol
+    console.print(f"max |backend - fp64| = {worst:.2e} (fp32 bound {tol:.1e}): " + ("[green]OK[/green]" if ok else "[red]MISMATCH[/red]"))
     if not ok:
         raise typer.Exit(1)

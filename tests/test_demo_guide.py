@@ -68,3 +68,11 @@ def test_guide_uses_its_own_learning_rate(monkeypatch):
     assert tr.opt.param_groups[0]["lr"] == 0.5
     tr = arms._trainer(_spec(guide_lr=0.5), net, _tiny(None, 0)[0], 0, "alone")
     assert tr.opt.param_groups[0]["lr"] == 1e-3
+
+
+def test_eta_uses_finished_runs_own_seconds():
+    from guidance_kernels.train.experiments.runner import eta_seconds
+
+    # 100 cost units took 50 s of run time: 300 units left over 2 workers -> 75 s
+    assert eta_seconds(50.0, 100.0, 400.0, 2) == 75.0
+    assert eta_seconds(50.0, 100.0, 100.0, 2) == 0.0 and eta_seconds(50.0, 120.0, 100.0, 1) == 0.0

@@ -85,6 +85,7 @@ def test_tiny_demo_end_to_end(tmp_path, monkeypatch):
         assert (tmp_path / f"{s['experiment']}.png").stat().st_size > 10_000
     md = (tmp_path / "summary.md").read_text()
     assert "| alone |" in md and "(b)" in md and "nan" not in md.lower()
+    assert "| trained guide itself (" in md and "| trained guide, validation carve |" in md
 
 
 def _tiny_mnist():

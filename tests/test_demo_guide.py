@@ -76,3 +76,13 @@ def test_eta_uses_finished_runs_own_seconds():
     # 100 cost units took 50 s of run time: 300 units left over 2 workers -> 75 s
     assert eta_seconds(50.0, 100.0, 400.0, 2) == 75.0
     assert eta_seconds(50.0, 100.0, 100.0, 2) == 0.0 and eta_seconds(50.0, 120.0, 100.0, 1) == 0.0
+
+
+def test_eta_rates_are_per_experiment():
+    from guidance_kernels.train.experiments.runner import eta_parts
+
+    # exp 1: 10 s per 100 units, 100 left; exp 2: 100 s per 100 units, 100 left; 1 worker
+    assert eta_parts([(10.0, 100.0, 200.0), (100.0, 100.0, 200.0)], 1) == 110.0
+    # exp 2 has no finished run: pooled rate (10 s / 100 units)
+    assert eta_parts([(10.0, 100.0, 200.0), (0.0, 0.0, 100.0)], 1) == 20.0
+    assert eta_parts([(0.0, 0.0, 100.0)], 2) == 0.0          # nothing finished: no estimate yet

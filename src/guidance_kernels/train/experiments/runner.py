@@ -3,8 +3,8 @@
 Per experiment and seed the guide is trained once; as soon as it is done, that seed's arms are
 queued. A plain line is printed per finished run (works in logs and CI): the run, its accuracy,
 its own seconds, the elapsed time and an ETA. The ETA uses the finished runs' own durations
-(seconds per step-unit of :func:`_cost`, divided over the workers), so process start-up and
-imports do not inflate it.
+(seconds per step-unit of :func:`_cost`, per experiment, divided over the workers), so process
+start-up and imports do not inflate it.
 """
 
 from __future__ import annotations
@@ -41,17 +41,27 @@ def _cost(spec: ExperimentSpec, arm: Optional[str]) -> float:
 def eta_seconds(seconds_done: float, cost_done: float, cost_total: float, workers: int) -> float:
     """Seconds left: the remaining cost at the finished runs' own seconds per cost unit, spread
     over ``workers`` (0 when nothing is left)."""
-    left = max(cost_total - cost_done, 0.0)
-    return left * seconds_done / max(cost_done, 1e-9) / max(workers, 1)
+    return eta_parts([(seconds_done, cost_done, cost_total)], workers)
+
+
+def eta_parts(parts: list[tuple[float, float, float]], workers: int) -> float:
+    """ETA over experiments ``(seconds_done, cost_done, cost_total)`` each at its own seconds per
+    cost unit (steps of different experiments cost differently); an experiment with no finished
+    run yet uses the pooled rate."""
+    sec, cost = sum(p[0] for p in parts), sum(p[1] for p in parts)
+    pooled = sec / cost if cost > 0 else 0.0
+    left = sum(max(t - c, 0.0) * (s / c if c > 0 else pooled) for s, c, t in parts)
+    return left / max(workers, 1)
 
 
 def run_all(specs: list[ExperimentSpec], seeds: int, workers: int = 2,
             log: Callable[[str], None] = print) -> dict[str, dict]:
     """Run every spec: ``{name: {"guides": [...], "runs": [...], "seconds"}}``."""
     t0 = time.perf_counter()
-    total = sum(seeds * (_cost(s, None) + sum(_cost(s, a) for a in s.arms)) for s in specs)
     n_runs = sum(seeds * (1 + len(s.arms)) for s in specs)
-    done = {"cost": 0.0, "runs": 0, "seconds": 0.0, "total": total}
+    done = {"runs": 0}
+    # per experiment: [seconds of finished runs, their cost, total cost]
+    part = {s.name: [0.0, 0.0, seeds * (_cost(s, None) + sum(_cost(s, a) for a in s.arms))] for s in specs}
     out = {s.name: {"guides": [], "runs": []} for s in specs}
     by_name = {s.name: s for s in specs}
 
@@ -60,11 +70,12 @@ def run_all(specs: list[ExperimentSpec], seeds: int, workers: int = 2,
         arm = r.get("arm")
         cost = _cost(spec, arm) if r["kind"] == "arm" else float(r.get("steps") or spec.guide_steps)
         done["runs"] += 1
-        done["seconds"] += r["seconds"]
-        done["cost"] += cost
-        done["total"] += cost - _cost(spec, arm)     # a guide's actual steps replace the estimate
+        p = part[spec.name]
+        p[0] += r["seconds"]
+        p[1] += cost
+        p[2] += cost - _cost(spec, arm)     # a guide's actual steps replace the estimate
         el = time.perf_counter() - t0
-        eta = eta_seconds(done["seconds"], done["cost"], done["total"], workers)
+        eta = eta_parts([tuple(v) for v in part.values()], workers)
         what = f"guide  seed {r['seed']}" if r["kind"] == "guide" else f"{arm:<16} seed {r['seed']}"
         log(f"[{done['runs']:>3}/{n_runs}] {spec.name:<10} {what}  acc {r['acc' if r['kind'] == 'guide' else 'final_acc']:.3f}"
             f"  ({r['seconds']:.0f} s)  elapsed {el:.0f} s, ETA {eta:.0f} s")

@@ -29,6 +29,14 @@ def test_mnist1d_guide_rule_is_fixed():
     assert guide_checks(s) == [250, 500, 1000, 2000] and s.guide_steps == 2000
 
 
+def test_copy_paste_guide_rule_is_fixed():
+    from guidance_kernels.train.experiments import copy_paste as cp
+
+    s = cp.spec()
+    assert (s.guide_lr, s.guide_val, s.guide_min_acc) == (None, 1000, 0.95)
+    assert guide_checks(s) == [100, 200, 400]
+
+
 def test_split_val_is_a_disjoint_fixed_carve_of_training_data():
     s = _spec()
     train, _ = _tiny(s, 0)

@@ -39,39 +39,76 @@ def accuracy(model: nn.Module, X: torch.Tensor, y: torch.Tensor, chunk: int = 10
     return correct / y.numel()
 
 
-def _fit(spec, model, train, test, seed, name, guidance=None, kd=None) -> tuple[list[dict], float]:
-    """Train with the project's Trainer; returns the eval curve and the seconds taken."""
+def _trainer(spec, model, train, seed, name, guidance=None, kd=None, callback=None):
     from guidance_kernels.train.trainer import TrainConfig, Trainer
 
-    cfg = TrainConfig(steps=spec.steps if name != "guide" else spec.guide_steps,
-                      batch_size=spec.batch_size, lr=spec.lr, grad_clip=spec.grad_clip, seed=seed,
+    guide = name == "guide"
+    lr = spec.guide_lr if guide and spec.guide_lr is not None else spec.lr
+    cfg = TrainConfig(steps=spec.guide_steps if guide else spec.steps,
+                      batch_size=spec.batch_size, lr=lr, grad_clip=spec.grad_clip, seed=seed,
                       eval_every=0, log_every=50, progress=False)
-    mod = task(spec.name)
+    return Trainer(model, train, cfg, guidance=guidance, kd=kd, task_loss=task(spec.name).task_loss,
+                   callback=callback, name=name)
+
+
+def _fit(spec, model, train, test, seed, name, guidance=None, kd=None) -> tuple[list[dict], float]:
+    """Train with the project's Trainer; returns the eval curve and the seconds taken."""
     curve: list[dict] = []
     warm = guidance.schedule.warmup_steps if guidance is not None else 0
 
     def ev(step: int, tr=None) -> None:
-        total = warm + cfg.steps
+        total = warm + spec.steps
         if step == 0 or step == warm or step == total or (step > warm and (step - warm) % spec.eval_every == 0):
             curve.append({"step": step, "task_step": max(0, step - warm),
                           "acc": accuracy(model, *test)})
 
-    tr = Trainer(model, train, cfg, guidance=guidance, kd=kd, task_loss=mod.task_loss,
-                 callback=ev, name=name)
+    tr = _trainer(spec, model, train, seed, name, guidance=guidance, kd=kd, callback=ev)
     ev(0)
     t0 = time.perf_counter()
     tr.fit()
     return curve, time.perf_counter() - t0
 
 
+def split_val(spec: ExperimentSpec, train):
+    """The guide's (train, validation) carve of the training set: the last
+    ``min(guide_val, n // 5)`` samples of a fixed permutation (seed 0) are validation."""
+    X, y = train
+    n_val = min(spec.guide_val, X.shape[0] // 5)
+    perm = torch.randperm(X.shape[0], generator=torch.Generator().manual_seed(0))
+    tr, va = perm[: X.shape[0] - n_val], perm[X.shape[0] - n_val:]
+    return (X[tr], y[tr]), (X[va], y[va])
+
+
+def guide_checks(spec: ExperimentSpec) -> list[int]:
+    """Step counts at which the guide's validation accuracy is checked (ending at guide_steps)."""
+    return sorted({c for c in spec.guide_checks if c < spec.guide_steps} | {spec.guide_steps})
+
+
 def train_guide(spec: ExperimentSpec, seed: int) -> dict:
-    """Train the seed's guide on the task: ``{"state", "acc", "seconds", "curve"}``."""
+    """Train the seed's guide on the task: ``{"state", "acc", "seconds", "curve", "steps",
+    "val_acc"}``. With ``spec.guide_val`` the guide trains on the training set minus a validation
+    carve and stops at the first step count in :func:`guide_checks` where its validation accuracy
+    reaches ``spec.guide_min_acc`` (``val_acc`` is None without a carve)."""
     mod = task(spec.name)
     train, test = mod.data(spec, seed)
     guide = mod.build_guide(spec, seed)
-    curve, sec = _fit(spec, guide, train, test, seed, "guide")
+    t0 = time.perf_counter()
+    if spec.guide_val > 0:
+        train, val = split_val(spec, train)
+    tr = _trainer(spec, guide, train, seed, "guide")
+    curve, val_acc = [{"step": 0, "task_step": 0, "acc": accuracy(guide, *test)}], None
+    for c in guide_checks(spec):
+        tr.fit(max_steps=c)
+        if spec.guide_val > 0:
+            val_acc = accuracy(guide, *val)
+            curve.append({"step": c, "task_step": c, "acc": accuracy(guide, *test), "val_acc": val_acc})
+            if val_acc >= spec.guide_min_acc:
+                break
+    if spec.guide_val <= 0:
+        curve.append({"step": tr.step, "task_step": tr.step, "acc": accuracy(guide, *test)})
     state = {k: v.detach().clone() for k, v in guide.state_dict().items()}
-    return {"state": state, "acc": curve[-1]["acc"], "seconds": sec, "curve": curve}
+    return {"state": state, "acc": curve[-1]["acc"], "seconds": time.perf_counter() - t0,
+            "curve": curve, "steps": tr.step, "val_acc": val_acc}
 
 
 def run_arm(spec: ExperimentSpec, arm: str, seed: int, guide_state: dict | None) -> dict:

@@ -31,6 +31,8 @@ def summarise(spec: ExperimentSpec, res: dict) -> dict:
         "experiment": spec.name, "title": spec.title, "spec": spec.to_dict(),
         "seeds": sorted({g["seed"] for g in res["guides"]}),
         "guide_acc": [g["acc"] for g in res["guides"]],
+        "guide_steps": [g.get("steps") for g in res["guides"]],
+        "guide_val_acc": [g.get("val_acc") for g in res["guides"]],
         "final_acc": acc,
         "mean_sd": {a: dict(zip(("mean", "sd"), mean_sd(v))) for a, v in acc.items()},
         "verdicts": judge(spec, acc),
@@ -40,7 +42,14 @@ def summarise(spec: ExperimentSpec, res: dict) -> dict:
 
 def rows(s: dict) -> list[tuple[str, str, str]]:
     """(arm, mean ± sd %, per-seed %) rows, the trained guide first."""
-    out = [("trained guide itself", _ms(s["guide_acc"]), " ".join(_pct(x) for x in s["guide_acc"]))]
+    steps = [x for x in s.get("guide_steps", []) if x is not None]
+    label = "trained guide itself"
+    if steps:
+        label += f" ({'/'.join(str(x) for x in steps)} steps)" if len(set(steps)) > 1 else f" ({steps[0]} steps)"
+    out = [(label, _ms(s["guide_acc"]), " ".join(_pct(x) for x in s["guide_acc"]))]
+    val = s.get("guide_val_acc", [])
+    if val and all(x is not None for x in val):
+        out.append(("trained guide, validation carve", _ms(val), " ".join(_pct(x) for x in val)))
     for a, v in s["final_acc"].items():
         out.append((a, _ms(v), " ".join(_pct(x) for x in v)))
     return out

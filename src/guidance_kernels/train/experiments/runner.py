@@ -2,7 +2,9 @@
 
 Per experiment and seed the guide is trained once; as soon as it is done, that seed's arms are
 queued. A plain line is printed per finished run (works in logs and CI): the run, its accuracy,
-the elapsed time and an ETA from the steps done so far.
+its own seconds, the elapsed time and an ETA. The ETA uses the finished runs' own durations
+(seconds per step-unit of :func:`_cost`, per experiment, divided over the workers), so process
+start-up and imports do not inflate it.
 """
 
 from __future__ import annotations
@@ -29,30 +31,51 @@ def _job(kind: str, spec: ExperimentSpec, arm: Optional[str], seed: int, state) 
 def _cost(spec: ExperimentSpec, arm: Optional[str]) -> float:
     """Relative cost of a run, in task-step units (for the ETA only)."""
     if arm is None:
-        return float(spec.guide_steps)
+        return float(min(spec.guide_checks or (spec.guide_steps,)))
     if arm == "alone":
         return float(spec.steps)
     extra = spec.warmup_steps if arm.startswith("warmup") else 0
     return 1.6 * (spec.steps + extra) if not arm.startswith(("kd", "firstk")) else 1.3 * spec.steps
 
 
+def eta_seconds(seconds_done: float, cost_done: float, cost_total: float, workers: int) -> float:
+    """Seconds left: the remaining cost at the finished runs' own seconds per cost unit, spread
+    over ``workers`` (0 when nothing is left)."""
+    return eta_parts([(seconds_done, cost_done, cost_total)], workers)
+
+
+def eta_parts(parts: list[tuple[float, float, float]], workers: int) -> float:
+    """ETA over experiments ``(seconds_done, cost_done, cost_total)`` each at its own seconds per
+    cost unit (steps of different experiments cost differently); an experiment with no finished
+    run yet uses the pooled rate."""
+    sec, cost = sum(p[0] for p in parts), sum(p[1] for p in parts)
+    pooled = sec / cost if cost > 0 else 0.0
+    left = sum(max(t - c, 0.0) * (s / c if c > 0 else pooled) for s, c, t in parts)
+    return left / max(workers, 1)
+
+
 def run_all(specs: list[ExperimentSpec], seeds: int, workers: int = 2,
             log: Callable[[str], None] = print) -> dict[str, dict]:
     """Run every spec: ``{name: {"guides": [...], "runs": [...], "seconds"}}``."""
     t0 = time.perf_counter()
-    total = sum(seeds * (_cost(s, None) + sum(_cost(s, a) for a in s.arms)) for s in specs)
     n_runs = sum(seeds * (1 + len(s.arms)) for s in specs)
-    done = {"cost": 0.0, "runs": 0}
+    done = {"runs": 0}
+    # per experiment: [seconds of finished runs, their cost, total cost]
+    part = {s.name: [0.0, 0.0, seeds * (_cost(s, None) + sum(_cost(s, a) for a in s.arms))] for s in specs}
     out = {s.name: {"guides": [], "runs": []} for s in specs}
     by_name = {s.name: s for s in specs}
 
     def report(r: dict) -> None:
         spec = by_name[r["exp"]]
         arm = r.get("arm")
-        done["cost"] += _cost(spec, arm)
+        cost = _cost(spec, arm) if r["kind"] == "arm" else float(r.get("steps") or spec.guide_steps)
         done["runs"] += 1
+        p = part[spec.name]
+        p[0] += r["seconds"]
+        p[1] += cost
+        p[2] += cost - _cost(spec, arm)     # a guide's actual steps replace the estimate
         el = time.perf_counter() - t0
-        eta = el * (total - done["cost"]) / max(done["cost"], 1e-9)
+        eta = eta_parts([tuple(v) for v in part.values()], workers)
         what = f"guide  seed {r['seed']}" if r["kind"] == "guide" else f"{arm:<16} seed {r['seed']}"
         log(f"[{done['runs']:>3}/{n_runs}] {spec.name:<10} {what}  acc {r['acc' if r['kind'] == 'guide' else 'final_acc']:.3f}"
             f"  ({r['seconds']:.0f} s)  elapsed {el:.0f} s, ETA {eta:.0f} s")
@@ -63,7 +86,8 @@ def run_all(specs: list[ExperimentSpec], seeds: int, workers: int = 2,
             out[r["exp"]]["runs"].append(r)
 
     def arm_jobs(spec, seed, state):
-        return [("arm", spec, a, seed, state if a.endswith("_trained") else None) for a in spec.arms]
+        arms = sorted(spec.arms, key=lambda a: -_cost(spec, a))   # longest first: a shorter tail
+        return [("arm", spec, a, seed, state if a.endswith("_trained") else None) for a in arms]
 
     guide_jobs = [("guide", s, None, k, None) for k in range(seeds) for s in specs]
     if workers <= 1:

@@ -17,7 +17,8 @@ class ExperimentSpec:
     title: str
     arms: tuple[str, ...]
     steps: int                      # task steps per arm
-    guide_steps: int                # training steps of the guide (once per seed)
+    guide_steps: int                # training steps of the guide (once per seed; the most, with
+                                    # a stopping rule below)
     batch_size: int
     lr: float = 1e-3
     alpha: float = 1.0              # guidance weight (paper: 1, sum over pairs)
@@ -30,6 +31,15 @@ class ExperimentSpec:
     sizes: dict = field(default_factory=dict)  # task-specific sizes (data, widths, depths)
     # claims: ("beats", claim, label, a, b) or ("keeps", claim, warm, cont, alone)
     claims: tuple = ()
+    # The guide's own training (never an arm's): learning rate (None: ``lr``) and a stopping rule
+    # decided before any guided arm ran: ``guide_val`` training samples (a fixed carve, never the
+    # test set) are held out of the guide's training; its accuracy on them is checked after each
+    # step count in ``guide_checks`` and training stops at the first that reaches
+    # ``guide_min_acc`` (else at ``guide_steps``). ``guide_val = 0``: plain ``guide_steps``.
+    guide_lr: float | None = None
+    guide_val: int = 0
+    guide_checks: tuple[int, ...] = ()
+    guide_min_acc: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -30,6 +30,8 @@ import math
 import torch
 from torch import Tensor
 
+from guidance_kernels.planning import unique
+
 __all__ = ["WINDOW", "scale_factor", "scale_factors", "rescale_all"]
 
 WINDOW = 16  # max|x| in [2^-WINDOW, 2^WINDOW) is left alone
@@ -97,16 +99,7 @@ def rescale_all(xs: list[Tensor]) -> list[Tensor]:
     """``s_i x_i`` for each distinct tensor of ``xs`` (by identity) once, differentiable in
     ``x_i`` with ``s_i`` held constant; repeated tensors map to one rescaled tensor, so identity
     based de-duplication downstream still applies."""
-    uniq: list[Tensor] = []
-    index = []
-    for x in xs:
-        for j, u in enumerate(uniq):
-            if u is x:
-                index.append(j)
-                break
-        else:
-            index.append(len(uniq))
-            uniq.append(x)
+    uniq, index = unique(xs)
     scaled = _rescale_distinct(uniq)
     return [scaled[j] for j in index]
 

@@ -175,7 +175,10 @@ class Guidance:
             if mask is not None:
                 mask = gather_batch([mask], group=self.group, differentiable=False)[0]
         xs = [flatten_activation(t_acts[i], self.flatten) for i in self._t_idx]
-        ys = [flatten_activation(g_acts[i], self.flatten) for i in self._g_idx]
+        # a guide layer mapped to several target layers is flattened (and masked) once, so the
+        # loss sees one tensor and computes its Gram once
+        flat_g = {i: flatten_activation(g_acts[i], self.flatten) for i in dict.fromkeys(self._g_idx)}
+        ys = [flat_g[i] for i in self._g_idx]
         for (tn, gn), x, y in zip(self.pairs, xs, ys):
             if x.shape[0] != y.shape[0]:
                 raise ValueError(
@@ -191,7 +194,8 @@ class Guidance:
         if mask is not None:
             keep = mask.reshape(-1) != 0
             xs = [masked_center(x, keep) for x in xs]
-            ys = [masked_center(y, keep) for y in ys]
+            centred = {i: masked_center(y, keep) for i, y in flat_g.items()}
+            ys = [centred[i] for i in self._g_idx]
         terms = gk.guidance_loss(
             xs, ys, metric=self.metric, weights=self.weights, reduction="none", backend=self.backend
         )

@@ -126,3 +126,15 @@ def test_fp32_pair_score_does_not_depend_on_an_fp64_pair_in_the_same_call():
     z, w = torch.randn(n, 5, dtype=torch.float64), torch.randn(n, 6, dtype=torch.float64)
     both = gk.pair_scores([x, z], [y, w], metric="debiased_cka", backend="reference")
     assert both[0] == alone[0]
+
+
+def test_mixed_pairs_share_one_promoted_copy_of_a_shared_guide():
+    """A guide shared by two mixed (fp64 target, fp32 guide) pairs is promoted once: one fp64
+    tensor, so its Gram is computed once (identity de-duplication downstream)."""
+    from guidance_kernels.functional import _cast_pairs, _promote_pair
+
+    y = torch.randn(8, 3)
+    xs, ys = _cast_pairs([torch.randn(8, 4, dtype=torch.float64), torch.randn(8, 5, dtype=torch.float64)],
+                         [y, y], _promote_pair)
+    assert ys[0] is ys[1] and ys[0].dtype == torch.float64
+    assert torch.equal(ys[0], y.double())

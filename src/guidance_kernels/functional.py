@@ -117,18 +117,35 @@ def _sample_scores(xs, ys, metric, backend) -> list[tuple[list[int], Tensor]]:
     return parts
 
 
-def _same_dtype(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+def _cast_pairs(xs: list[Tensor], ys: list[Tensor], rule) -> tuple[list[Tensor], list[Tensor]]:
+    """Each pair cast to ``rule(x, y)`` (a dtype, or ``None`` to keep it as it is), one copy per
+    distinct (tensor, dtype): a tensor shared by several pairs stays one tensor, so its Gram is
+    still computed once."""
+    copies: dict = {}
+
+    def cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+        key = (id(t), dtype)
+        if key not in copies:
+            copies[key] = t.to(dtype)
+        return copies[key]
+
+    out_x, out_y = [], []
+    for x, y in zip(xs, ys):
+        dtype = rule(x, y)
+        out_x.append(x if dtype is None else cast(x, dtype))
+        out_y.append(y if dtype is None else cast(y, dtype))
+    return out_x, out_y
+
+
+def _same_dtype(x: Tensor, y: Tensor) -> torch.dtype:
     """Both to the common dtype (one copy of the lower-precision tensor when they differ)."""
-    dtype = torch.promote_types(x.dtype, y.dtype)
-    return x.to(dtype), y.to(dtype)
+    return torch.promote_types(x.dtype, y.dtype)
 
 
-def _promote_pair(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+def _promote_pair(x: Tensor, y: Tensor) -> Optional[torch.dtype]:
     """A pair whose accumulation dtypes differ (one side fp64) as fp64 on both sides; others as
     they are (a bf16 / fp32 pair both accumulate in fp32)."""
-    if acc_dtype(x.dtype) == acc_dtype(y.dtype):
-        return x, y
-    return x.double(), y.double()
+    return None if acc_dtype(x.dtype) == acc_dtype(y.dtype) else torch.float64
 
 
 def _feature_scores(xs, ys, backend, metric="cka") -> list[tuple[list[int], Tensor]]:
@@ -162,7 +179,7 @@ def pair_scores(
     # one rule for mixed pairs: a pair whose sides accumulate in different dtypes (one side
     # fp64) is computed in fp64, both sides (one fp64 copy of the narrower side), under fp64's
     # degenerate rule; it may then use either form
-    xs, ys = map(list, zip(*(_promote_pair(x, y) for x, y in zip(xs, ys))))
+    xs, ys = _cast_pairs(xs, ys, _promote_pair)
     name = resolve_backend(backend, xs + ys, shape_class(xs, ys) if backend == "auto" else None)
     if form == "auto":
         forms = [
@@ -174,7 +191,7 @@ def pair_scores(
     else:
         forms = [form] * len(xs)
         if form == "feature":  # the cross products need one dtype per pair
-            xs, ys = map(list, zip(*(_same_dtype(x, y) for x, y in zip(xs, ys))))
+            xs, ys = _cast_pairs(xs, ys, _same_dtype)
     _memory.check_pairs(xs, ys, forms, metric)
     sample = [i for i, f in enumerate(forms) if f == "sample"]
     feature = [i for i, f in enumerate(forms) if f == "feature"]

@@ -62,19 +62,31 @@ def center_gram(k: Tensor) -> Tensor:
     return k - k.mean(-1, keepdim=True) - k.mean(-2, keepdim=True) + k.mean((-2, -1), keepdim=True)
 
 
-def _zero_diagonal(k: Tensor) -> Tensor:
-    return k - torch.diag_embed(k.diagonal(dim1=-2, dim2=-1))
+def center_gram_(k: Tensor) -> Tensor:
+    """:func:`center_gram` in place on a fresh (..., n, n) ``k`` the caller owns (no autograd
+    through it), the same operations in the same order, so bit for bit the same; returns ``k``."""
+    r, c, m = k.mean(-1, keepdim=True), k.mean(-2, keepdim=True), k.mean((-2, -1), keepdim=True)
+    return k.sub_(r).sub_(c).add_(m)
 
 
 def u_center_gram(k: Tensor) -> Tensor:
     """U-centering (Szekely & Rizzo) of (..., n, n) ``K``, n >= 4: ``<U(K), U(L)> / (n (n-3))``
-    is the unbiased HSIC estimator of Song et al. (2012)."""
+    is the unbiased HSIC estimator of Song et al. (2012). The row / column sums of ``K`` with its
+    diagonal zeroed come from ``K``'s sums minus the diagonal (no zeroed copy), and the result is
+    built in one fresh tensor (5 passes over ``K``)."""
     n = k.shape[-1]
-    k = _zero_diagonal(k)
-    r = k.sum(-1, keepdim=True) / (n - 2)
-    c = k.sum(-2, keepdim=True) / (n - 2)
-    t = k.sum((-2, -1), keepdim=True) / ((n - 1) * (n - 2))
-    return _zero_diagonal(k - r - c + t)
+    d = k.diagonal(dim1=-2, dim2=-1)
+    rows, cols = k.sum(-1) - d, k.sum(-2) - d
+    t = rows.sum(-1, keepdim=True) / ((n - 1) * (n - 2))
+    u = (k - (rows / (n - 2)).unsqueeze(-1)).sub_((cols / (n - 2)).unsqueeze(-2)).add_(t.unsqueeze(-1))
+    u.diagonal(dim1=-2, dim2=-1).zero_()
+    return u
+
+
+def _frob2_off_diagonal(k: Tensor) -> Tensor:
+    """``||K - diag(K)||_F^2`` without the zeroed copy (a reference scale: clamped at 0)."""
+    d = k.diagonal(dim1=-2, dim2=-1)
+    return (_frob2(k) - (d * d).sum(-1)).clamp(min=0)
 
 
 def _cosine(s: Tensor, a2: Tensor, b2: Tensor, ra2: Tensor, rb2: Tensor) -> Tensor:
@@ -87,7 +99,7 @@ def _cosine(s: Tensor, a2: Tensor, b2: Tensor, ra2: Tensor, rb2: Tensor) -> Tens
 
 
 def _frob2(k: Tensor) -> Tensor:
-    return (k * k).sum((-2, -1))
+    return torch.linalg.vecdot(k.flatten(-2), k.flatten(-2))
 
 
 def cka_from_grams(kc: Tensor, lc: Tensor, debiased: bool = False) -> Tensor:
@@ -101,7 +113,7 @@ def cka_from_grams(kc: Tensor, lc: Tensor, debiased: bool = False) -> Tensor:
         return cka_from_stats(gram_stats(k, l), kc.dtype).to(kc.dtype)
     k, l = normalize_gram(kc), normalize_gram(lc)
     ku, lu = u_center_gram(k), u_center_gram(l)
-    rk, rl = _frob2(_zero_diagonal(k)), _frob2(_zero_diagonal(l))
+    rk, rl = _frob2_off_diagonal(k), _frob2_off_diagonal(l)
     return _cosine((ku * lu).sum((-2, -1)), _frob2(ku), _frob2(lu), rk, rl)
 
 
@@ -247,7 +259,7 @@ def unit_centered_grams(k: Tensor, debiased: bool = False) -> Tensor:
     so that ``<u_i, u_j>`` is CKA; degenerate ones (see module doc) become all-zero."""
     k = normalize_gram(k)
     if debiased:
-        kc, ref = u_center_gram(k), _frob2(_zero_diagonal(k))
+        kc, ref = u_center_gram(k), _frob2_off_diagonal(k)
     else:
         kc, ref = k, _frob2(k)
     a2 = _frob2(kc)

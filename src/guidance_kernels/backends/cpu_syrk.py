@@ -78,6 +78,6 @@ def _lower_mask(n: int, device: str) -> Tensor:
 
 
 def mirror_lower(c: Tensor) -> Tensor:
-    """Square ``c`` with its strict upper triangle taken from the lower one (a new tensor: one
-    ``where`` pass, about 5x faster than an index scatter at n = 256)."""
-    return torch.where(_lower_mask(c.shape[0], str(c.device)), c, c.T)
+    """Square ``c`` (..., n, n) with each strict upper triangle taken from the lower one (a new
+    tensor: one ``where`` pass, about 5x faster than an index scatter at n = 256)."""
+    return torch.where(_lower_mask(c.shape[-1], str(c.device)), c, c.mT)

@@ -2,10 +2,11 @@
 
 Exact math on the row-shifted activation ``x' = x - 1 x[0]`` (see the contract in
 :mod:`guidance_kernels.backends`), with fp32 accumulation for fp16/bf16 inputs. Activations are
-processed one column (or row) block at a time: the shift and the upcast make a block-sized
-temporary of at most ``_BLOCK_ELEMS`` elements, never a copy of a whole activation. On CPU,
-Grams use the symmetric rank-k update of :mod:`.cpu_syrk` (half the multiply-adds; one
-cache-sized shifted block at a time) when MKL provides it, else GEMMs.
+processed one column (or row) block at a time: the shift and the upcast go into one reused,
+cache-sized buffer per call, never a copy of a whole activation. On CPU, Grams use the
+symmetric rank-k update of :mod:`.cpu_syrk` (half the multiply-adds) when MKL provides it, else
+GEMMs; every product writes straight into its slice of the result (a stacked ``(L, n, n)``
+table, or ``dX``'s columns, whose pages are advised huge: :mod:`.cpu_pages`).
 """
 
 from __future__ import annotations
@@ -13,23 +14,31 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from guidance_kernels.backends import Backend, cpu_syrk, register_backend
+from guidance_kernels.backends import Backend, cpu_pages, cpu_syrk, register_backend
 from guidance_kernels.metrics import gram_stats
 from guidance_kernels.planning import acc_dtype
 
 _BLOCK_ELEMS = 1 << 22  # largest temporary, in elements (16 MiB of fp32)
 _SYRK_BLOCK_ELEMS = 1 << 20  # shifted column block feeding ``?syrk`` (4 MiB of fp32; measured best)
+_BWD_BLOCK_ELEMS = 1 << 18  # shifted column block of ``dX = M X'`` (1 MiB of fp32; measured)
+_BWD_MIN_COLS = 512  # below this width the GEMM re-reads M (n x n) too often for large n
 
 
-def _blocks(total: int, other: int, elems: int = _BLOCK_ELEMS):
-    step = max(1, elems // max(other, 1))
+def _blocks(total: int, other: int, elems: int = _BLOCK_ELEMS, min_step: int = 1):
+    step = max(min_step, elems // max(other, 1))
     return [(s, min(s + step, total)) for s in range(0, total, step)]
 
 
-def _shifted_cols(x: Tensor, s: int, e: int, acc: torch.dtype) -> Tensor:
-    """Columns ``s:e`` of ``x - 1 x[0]`` in ``acc``."""
-    c = x[:, s:e].to(acc)
-    return c - c[:1]
+def _buffer(n: int, plans, acc: torch.dtype, device: torch.device) -> Tensor:
+    """One flat buffer for the widest column block of the ``plans`` (n rows), reused by all."""
+    width = max((e - s for blocks in plans for s, e in blocks), default=0)
+    return _empty(n * width, acc, device)
+
+
+def _empty(shape, dtype: torch.dtype, device: torch.device) -> Tensor:
+    if device.type == "cpu":
+        return cpu_pages.empty(shape, dtype)
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def _shift_into(buf: Tensor, x: Tensor, s: int, e: int) -> Tensor:
@@ -42,26 +51,36 @@ def _shift_into(buf: Tensor, x: Tensor, s: int, e: int) -> Tensor:
     return c.sub_(c[:1].clone())
 
 
-def gram(xs: list[Tensor]) -> list[Tensor]:
-    out = []
-    for x in xs:
-        acc = acc_dtype(x.dtype)
-        n, p = x.shape
-        sym = x.device.type == "cpu" and cpu_syrk.available(acc)
-        k = x.new_empty((n, n), dtype=acc)
-        blocks = _blocks(p, n, _SYRK_BLOCK_ELEMS if sym else _BLOCK_ELEMS)
-        buf = x.new_empty(n * (blocks[0][1] - blocks[0][0]), dtype=acc) if sym else None
-        for i, (s, e) in enumerate(blocks):
-            if sym:  # half the multiply-adds: one triangle, mirrored at the end
-                cpu_syrk.syrk_lower_(k, _shift_into(buf, x, s, e), 0.0 if i == 0 else 1.0)
-                continue
-            c = _shifted_cols(x, s, e, acc)
-            if i == 0:  # the first block's product, not an add into zeros
-                torch.mm(c, c.T, out=k)
-            else:
-                k.addmm_(c, c.T)
-        out.append(cpu_syrk.mirror_lower(k) if sym else k)
-    return out
+def _gram_into(k: Tensor, x: Tensor, buf: Tensor, blocks, sym: bool) -> None:
+    """``k`` (n, n, contiguous) <- ``x' x'ᵀ`` (only its lower triangle when ``sym``)."""
+    if not blocks:  # no features: the Gram of nothing
+        k.zero_()
+    for i, (s, e) in enumerate(blocks):
+        c = _shift_into(buf, x, s, e)
+        if sym:  # half the multiply-adds: one triangle, mirrored by the caller
+            cpu_syrk.syrk_lower_(k, c, 0.0 if i == 0 else 1.0)
+        elif i == 0:  # the first block's product, not an add into zeros
+            torch.mm(c, c.T, out=k)
+        else:
+            k.addmm_(c, c.T)
+
+
+def gram(xs: list[Tensor]):
+    """The Grams ``x' x'ᵀ``: one ``(L, n, n)`` stacked tensor when every ``x`` has the same ``n``
+    and accumulation dtype (what ``ops.gram`` passes), else a list."""
+    accs = {acc_dtype(x.dtype) for x in xs}
+    if len({x.shape[0] for x in xs}) != 1 or len(accs) != 1:
+        return [gram([x])[0] for x in xs]
+    acc, x0 = accs.pop(), xs[0]
+    n = x0.shape[0]
+    sym = x0.device.type == "cpu" and cpu_syrk.available(acc)
+    elems = _SYRK_BLOCK_ELEMS if sym else _BLOCK_ELEMS
+    plans = [_blocks(x.shape[1], n, elems) for x in xs]
+    buf = _buffer(n, plans, acc, x0.device)
+    out = torch.empty((len(xs), n, n), dtype=acc, device=x0.device)
+    for k, x, blocks in zip(out, xs, plans):
+        _gram_into(k, x, buf, blocks, sym)
+    return cpu_syrk.mirror_lower(out) if sym else out
 
 
 def gram_backward(ms: list[Tensor], xs: list[Tensor]) -> list[Tensor]:
@@ -69,14 +88,14 @@ def gram_backward(ms: list[Tensor], xs: list[Tensor]) -> list[Tensor]:
     for m, x in zip(ms, xs):
         acc = acc_dtype(x.dtype)
         n, p = x.shape
-        dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+        dx = _empty((n, p), x.dtype, x.device)
         m = m.to(acc)
-        blocks = _blocks(p, n)
-        buf = x.new_empty(n * (blocks[0][1] - blocks[0][0]), dtype=acc)
+        blocks = _blocks(p, n, _BWD_BLOCK_ELEMS, _BWD_MIN_COLS)
+        buf = _buffer(n, [blocks], acc, x.device)
         for s, e in blocks:
             c = _shift_into(buf, x, s, e)
-            if len(blocks) == 1 and dx.dtype == acc:  # the product straight into dX, no copy
-                torch.mm(m, c, out=dx)
+            if dx.dtype == acc:  # the product straight into dX's columns (a strided GEMM output)
+                torch.mm(m, c, out=dx[:, s:e])
             else:
                 dx[:, s:e] = m @ c
         out.append(dx)

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from guidance_kernels.backends import get_backend
-from guidance_kernels.metrics import center_gram
+from guidance_kernels.metrics import center_gram, center_gram_
 from guidance_kernels.planning import acc_dtype, no_autocast
 
 __all__ = ["gram", "gram_backward", "cross", "cross_backward"]
@@ -115,7 +115,8 @@ def gram(xs: list[Tensor], backend: str) -> Tensor:
     _check_group("gram", xs, "xs", same_features=False)
     _one_acc("gram", xs)
     with _no_autocast(xs):
-        return center_gram(torch.stack(get_backend(backend).gram(list(xs))))
+        k = get_backend(backend).gram(list(xs))
+        return center_gram_(k if isinstance(k, Tensor) else torch.stack(k))
 
 
 @gram.register_fake

@@ -58,3 +58,48 @@ def test_env_switch_disables_mkl_syrk():
     env = {**__import__("os").environ, "GK_NO_MKL_SYRK": "1"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("dtype", [F32, F64])
+def test_transposed_syrk_matches_gemm_on_strided_blocks(dtype):
+    if not cpu_syrk.available(dtype):
+        pytest.skip("no MKL ?syrk in this PyTorch build (the GEMM fallback is tested below)")
+    g = torch.Generator().manual_seed(2)
+    big = torch.randn(40, 30, generator=g, dtype=dtype)
+    a, b = big[:17, 2:25], big[17:, 2:25]  # row blocks of a column slice: row stride 30
+    c = torch.full((23, 23), float("nan"), dtype=dtype)
+    cpu_syrk.syrk_t_lower_(c, a, 0.0)
+    cpu_syrk.syrk_t_lower_(c, b, 1.0)
+    iu = torch.triu_indices(23, 23, 1)
+    assert torch.isnan(c[iu[0], iu[1]]).all()
+    c = cpu_syrk.mirror_lower(c)
+    z = big[:, 2:25].double()
+    assert_entrywise(c, z.T @ z, abs_product(z.T, z), k=40, acc_dtype=dtype, input_dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [F32, F64, torch.bfloat16])
+@pytest.mark.parametrize("sym", [True, False])
+def test_reference_cross_and_backward_exact_on_offset_data(dtype, sym, monkeypatch):
+    """Feature-space products ``[x' y']ᵀ[x' y']`` over several row blocks (one ``?syrk`` each, or
+    GEMMs) and ``dx = [x' y'] [m; nm] + v`` written into dx's rows, against fp64."""
+    if not sym:
+        monkeypatch.setattr(cpu_syrk, "available", lambda dtype: False)
+    monkeypatch.setattr(reference, "_SYRK_BLOCK_ELEMS", 5 * 19)  # blocks of 5 rows
+    monkeypatch.setattr(reference, "_BLOCK_ELEMS", 5 * 19)
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(33, 11, generator=g, dtype=F64) + 3e3).to(dtype)
+    y = (torch.randn(33, 8, generator=g, dtype=F64) - 2e3).to(dtype)
+    a, b, c, sx, sy = (t[0] for t in reference.cross([x], [y]))
+    xs, ys = x.double() - x[0].double(), y.double() - y[0].double()
+    acc = F64 if dtype == F64 else F32
+    for got, u, v in ((a, xs, xs), (b, ys, ys), (c, xs, ys)):
+        assert got.dtype == acc
+        assert_entrywise(got, u.T @ v, abs_product(u.T, v), k=33, acc_dtype=acc, input_dtype=acc)
+    assert_entrywise(sx, xs.sum(0), xs.abs().sum(0), k=33, acc_dtype=acc, input_dtype=acc)
+    assert_entrywise(sy, ys.sum(0), ys.abs().sum(0), k=33, acc_dtype=acc, input_dtype=acc)
+    m, nm, vv = (torch.randn(*s, generator=g, dtype=F64).to(acc) for s in ((11, 11), (8, 11), (11,)))
+    dx = reference.cross_backward([x], [m], [y], [nm], [vv])[0]
+    want = xs @ m.double() + ys @ nm.double() + vv.double()
+    scale = xs.abs() @ m.double().abs() + ys.abs() @ nm.double().abs() + vv.double().abs()
+    assert dx.dtype == dtype
+    assert_entrywise(dx, want, scale, k=19, acc_dtype=acc, input_dtype=dtype)

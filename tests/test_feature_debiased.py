@@ -13,7 +13,7 @@ from torch.autograd import gradcheck, gradgradcheck
 import guidance_kernels as gk
 from guidance_kernels.feature_debiased import debiased_cka_features, debiased_cka_features_plain
 from reference_math import debiased_cka as dcka64
-from tolerance import rel, score_bound
+from tolerance import bound, rel, score_bound
 
 F64, F32 = torch.float64, torch.float32
 
@@ -64,6 +64,38 @@ def test_gradient_equals_sample_form_and_plain_autograd():
     gp = torch.autograd.grad(debiased_cka_features_plain(x, y), (x, y))
     for a, b, c in zip(gf, gs, gp):
         assert rel(a, b) <= 1e-9 and rel(a, c) <= 1e-9
+
+
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("dtype", [F64, F32, torch.bfloat16])
+def test_blocked_fast_path_equals_plain_form(dtype, sym, monkeypatch):
+    """The eager forward (reused row-block buffer, one symmetric product for A, B, C) and backward
+    (one GEMM per block and side, written into dX's rows) over several row blocks, with and
+    without ``?syrk``, against the plain differentiable form of the same inputs in fp64."""
+    import guidance_kernels.feature_debiased as fd
+    from guidance_kernels.backends import reference
+
+    if not sym:
+        monkeypatch.setattr(reference, "symmetric_cpu", lambda t, acc: False)
+        monkeypatch.setattr(fd, "symmetric_cpu", lambda t, acc: False)
+    monkeypatch.setattr(fd, "_BLOCK_ELEMS", 7 * 13)  # blocks of 7 rows, the last one short
+    flags = []
+    monkeypatch.setattr(fd, "add_zz_", lambda *a: (flags.append(a[3]), reference.add_zz_(*a)))
+    x, y = _pair(61, 6, 7, seed=5, offset=30.0, dtype=dtype)
+    x, y = x.requires_grad_(), y.requires_grad_()
+    got = debiased_cka_features(x, y)
+    gx, gy = torch.autograd.grad(got, (x, y))
+    x64, y64 = (t.detach().double().requires_grad_() for t in (x, y))
+    want = debiased_cka_features_plain(x64, y64)
+    wx, wy = torch.autograd.grad(want, (x64, y64))
+    acc = F64 if dtype == F64 else F32
+    assert gx.dtype == dtype and gy.dtype == dtype
+    assert len(flags) == 9 and set(flags) == {sym and reference.cpu_syrk.available(acc)}
+    assert abs(float(got) - float(want)) <= score_bound("debiased_cka", acc, 61, 7)
+    # gradients: relative Frobenius error of n-term sums of (p + q)-term products in the
+    # accumulation dtype, plus the final rounding to the input dtype
+    k = bound(acc, 61 * 13) + torch.finfo(dtype).eps
+    assert rel(gx.double(), wx) <= k and rel(gy.double(), wy) <= k
 
 
 @pytest.mark.parametrize("dtype", [F32, torch.bfloat16, F64])

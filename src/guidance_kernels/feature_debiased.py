@@ -30,6 +30,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from guidance_kernels.backends import cpu_pages, cpu_syrk
+from guidance_kernels.backends.reference import add_zz_, shift_rows_into, symmetric_cpu
 from guidance_kernels.metrics import tolerance
 
 __all__ = ["debiased_cka_features", "debiased_cka_features_plain"]
@@ -71,6 +73,50 @@ def _forward_sums(x: Tensor, y: Tensor, acc: torch.dtype):
                 zb.T @ db, zb.T @ eb, wb.T @ db, wb.T @ eb]
         out = part if out is None else [o + pt for o, pt in zip(out, part)]
     return out, torch.cat(ds), torch.cat(es), mx, my
+
+
+def _pair_buffer(x: Tensor, y: Tensor, acc: torch.dtype, blocks) -> Tensor:
+    rows = max((t - s for s, t in blocks), default=0)
+    shape = (rows * (x.shape[1] + y.shape[1]),)
+    return cpu_pages.empty(shape, acc) if x.device.type == "cpu" else x.new_empty(shape, dtype=acc)
+
+
+def _shifted(buf: Tensor, x: Tensor, y: Tensor, mx: Tensor, my: Tensor, s: int, t: int) -> Tensor:
+    """Rows ``s:t`` of ``[z w]`` (mean-shifted, ``acc``), written into the reused ``buf``."""
+    p = x.shape[1]
+    zw = buf[: (t - s) * (p + y.shape[1])].view(t - s, -1)
+    shift_rows_into(zw[:, :p], x, s, t, mx[None])
+    shift_rows_into(zw[:, p:], y, s, t, my[None])
+    return zw
+
+
+def _forward_sums_fast(x: Tensor, y: Tensor, acc: torch.dtype):
+    """:func:`_forward_sums` without autograd (the forward of :class:`_FeatureDebiased`): each row
+    block of ``[z w]`` is written into one reused buffer, ``[z w]ᵀ[z w]`` (holding A, B, C) is one
+    symmetric product (``?syrk`` on CPU: half the multiply-adds), ``[z w]ᵀ [d e]`` one GEMM, all
+    accumulated in place."""
+    n, p = x.shape
+    w = p + y.shape[1]
+    blocks = _rows(n, w)
+    mx, my = _mean(x, acc, blocks), _mean(y, acc, blocks)
+    sym = symmetric_cpu(x, acc)
+    buf = _pair_buffer(x, y, acc, blocks)
+    full = x.new_zeros((w, w), dtype=acc)
+    sums = x.new_zeros((w,), dtype=acc)
+    mom = x.new_zeros((w, 2), dtype=acc)  # [z w]ᵀ [d e]
+    de = x.new_empty((n, 2), dtype=acc)
+    for i, (s, t) in enumerate(blocks):
+        zw = _shifted(buf, x, y, mx, my, s, t)
+        torch.linalg.vecdot(zw[:, :p], zw[:, :p], out=de[s:t, 0])
+        torch.linalg.vecdot(zw[:, p:], zw[:, p:], out=de[s:t, 1])
+        add_zz_(full, zw, i == 0, sym)
+        sums += zw.sum(0)
+        mom.addmm_(zw.T, de[s:t])
+    if sym:
+        full = cpu_syrk.mirror_lower(full)
+    sums_out = [full[:p, :p], full[p:, p:], full[:p, p:], sums[:p], sums[p:],
+                mom[:p, 0], mom[:p, 1], mom[p:, 0], mom[p:, 1]]
+    return sums_out, de[:, 0], de[:, 1], mx, my
 
 
 def _inv(tr: Tensor, acc: torch.dtype) -> Tensor:
@@ -133,7 +179,8 @@ class _FeatureDebiased(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, y):
         acc = _acc(x, y)
-        sums, d, e, mx, my = _forward_sums(x, y, acc)
+        fast = not torch.compiler.is_compiling()  # traced: the plain form (no out=, no BLAS calls)
+        sums, d, e, mx, my = (_forward_sums_fast if fast else _forward_sums)(x, y, acc)
         st = _terms(sums, d, e, acc)
         ctx.acc = acc
         ctx.st = {k: v for k, v in st.items() if k not in ("c2", "c3")}
@@ -169,11 +216,20 @@ class _FeatureDebiased(torch.autograd.Function):
             sides.append((dy, _side_coefs(st, "y", al, by), by, st["ry"], st["rx"], st["ky"], st["kx"], st["sw"], st["sz"], False))
         folded = []
         for out, (M, Nm, v, S_self, S_oth), be, r_s, r_o, k_s, k_o, s_s, s_o, is_x in sides:
-            folded.append((out, (k_s * M).to(acc), (r_s * r_o * Nm).to(acc), (r_s * v).to(acc), s_s.to(acc),
-                           s_o.to(acc), S_self, S_oth, be, r_s, r_o, k_s, k_o, is_x))
-        for s, t in _rows(x.shape[0], x.shape[1] + y.shape[1]):
-            zb, wb = x[s:t].to(acc) - mx, y[s:t].to(acc) - my
-            for out, M, Nm, v, s_s, s_o, S_self, S_oth, be, r_s, r_o, k_s, k_o, is_x in folded:
+            M, Nm = (k_s * M).to(acc), (r_s * r_o * Nm).to(acc)
+            W = torch.cat([M, Nm] if is_x else [Nm, M])  # [z w] W = own M + other Nm: one GEMM
+            folded.append((out, W, (r_s * v).to(acc), s_s.to(acc), s_o.to(acc), S_self, S_oth, be, r_s, r_o,
+                           k_s, k_o, is_x))
+        p = x.shape[1]
+        blocks = _rows(x.shape[0], p + y.shape[1])
+        buf = _pair_buffer(x, y, acc, blocks) if inplace else None
+        for s, t in blocks:
+            if inplace:  # the shifted rows in one reused buffer
+                zw = _shifted(buf, x, y, mx, my, s, t)
+            else:
+                zw = torch.cat([x[s:t].to(acc) - mx, y[s:t].to(acc) - my], 1)
+            zb, wb = zw[:, :p], zw[:, p:]
+            for out, W, v, s_s, s_o, S_self, S_oth, be, r_s, r_o, k_s, k_o, is_x in folded:
                 own, oth = (zb, wb) if is_x else (wb, zb)
                 d_own, d_oth = (d, e) if is_x else (e, d)
                 dn_s, dn_o = d_own[s:t].double() * k_s, d_oth[s:t].double() * k_o
@@ -181,12 +237,13 @@ class _FeatureDebiased(torch.autograd.Function):
                 b = r_o * (oth @ s_o).double() - dn_o
                 r = al * (-2 * dn_o - 2 * c2 * S_oth + 2 * c3 * b) + be * (-4 * dn_s - 4 * c2 * S_self + 4 * c3 * a)
                 u = -al * c3 * b - 2 * be * c3 * a + 2 * al * c2 * S_oth + 4 * be * c2 * S_self
-                blk = torch.addmm(v, own, M).addmm_(oth, Nm)
-                blk += (k_s * r).to(acc)[:, None] * own + (r_s * u).to(acc)[:, None] * s_s
-                if inplace:
-                    out[s:t] = blk
-                else:
+                direct = inplace and out.dtype == acc
+                blk = torch.addmm(v, zw, W, out=out[s:t]) if direct else torch.addmm(v, zw, W)
+                blk.addcmul_((k_s * r).to(acc)[:, None], own).addr_((r_s * u).to(acc), s_s)
+                if not inplace:
                     out.append(blk)
+                elif not direct:
+                    out[s:t] = blk
         if not inplace:
             dx = torch.cat(dx).to(x.dtype) if need_x else None
             dy = torch.cat(dy).to(y.dtype) if need_y else None

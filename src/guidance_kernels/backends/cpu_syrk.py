@@ -17,7 +17,7 @@ import os
 import torch
 from torch import Tensor
 
-__all__ = ["available", "syrk_lower_", "mirror_lower"]
+__all__ = ["available", "syrk_lower_", "syrk_t_lower_", "mirror_lower"]
 
 _P = ctypes.c_void_p
 
@@ -38,27 +38,31 @@ def _functions():
         fn.restype = None
         out[dtype] = (fn, scalar)
         a = torch.arange(1.0, 7 * 5 + 1, dtype=dtype).reshape(7, 5).sin()
-        c = torch.zeros(7, 7, dtype=dtype)
+        c, ct = torch.zeros(7, 7, dtype=dtype), torch.zeros(5, 5, dtype=dtype)
         _call(out[dtype], c, a, 0.0)
-        if not torch.allclose(c.tril(), (a @ a.T).tril(), rtol=1e-5, atol=1e-5) or bool(c.triu(1).any()):
-            del out[dtype]  # a different signature or convention: never use it
+        _call(out[dtype], ct, a, 0.0, transposed=True)
+        for got, want in ((c, a @ a.T), (ct, a.T @ a)):
+            if not torch.allclose(got.tril(), want.tril(), rtol=1e-5, atol=1e-5) or bool(got.triu(1).any()):
+                del out[dtype]  # a different signature or convention: never use it
+                break
     return out
 
 
 def available(dtype: torch.dtype) -> bool:
-    """Whether :func:`syrk_lower_` runs for CPU tensors of ``dtype``."""
+    """Whether :func:`syrk_lower_` and :func:`syrk_t_lower_` run for CPU tensors of ``dtype``."""
     return dtype in _functions()
 
 
-def _call(entry, c: Tensor, a: Tensor, beta: float) -> None:
+def _call(entry, c: Tensor, a: Tensor, beta: float, transposed: bool = False) -> None:
     fn, scalar = entry
-    n, k = a.shape
+    n, k = a.shape[::-1] if transposed else a.shape
     ref = ctypes.byref
     dims = [ctypes.c_int64(v) for v in (n, k, a.stride(0), c.stride(0))]
     al, be = scalar(1.0), scalar(beta)
-    # row-major (n, k) A is column-major Aᵀ (k, n): C = (Aᵀ)ᵀ Aᵀ, 'U' in column-major = lower here
-    fn(b"U", b"T", ref(dims[0]), ref(dims[1]), ref(al), _P(a.data_ptr()), ref(dims[2]), ref(be),
-       _P(c.data_ptr()), ref(dims[3]))
+    # row-major (r, m) A is column-major Aᵀ (m, r). Not transposed: C = A Aᵀ = (Aᵀ)ᵀ Aᵀ ('T');
+    # transposed: C = Aᵀ A ('N'). C is symmetric, so 'U' in column-major is the lower triangle here.
+    fn(b"U", b"N" if transposed else b"T", ref(dims[0]), ref(dims[1]), ref(al), _P(a.data_ptr()),
+       ref(dims[2]), ref(be), _P(c.data_ptr()), ref(dims[3]))
 
 
 def syrk_lower_(c: Tensor, a: Tensor, beta: float) -> None:
@@ -70,6 +74,16 @@ def syrk_lower_(c: Tensor, a: Tensor, beta: float) -> None:
         c.mul_(beta)
         return
     _call(_functions()[a.dtype], c, a, beta)
+
+
+def syrk_t_lower_(c: Tensor, a: Tensor, beta: float) -> None:
+    """Lower triangle of ``c`` (m, m, row-major contiguous) <- ``beta c + aᵀ a`` for ``a`` (r, m)
+    with unit column stride (the feature-space product of a row block); as :func:`syrk_lower_`."""
+    assert c.is_contiguous() and a.stride(1) == 1 and a.dtype == c.dtype and a.device.type == "cpu"
+    if a.shape[0] == 0:
+        c.mul_(beta)
+        return
+    _call(_functions()[a.dtype], c, a, beta, transposed=True)
 
 
 @functools.lru_cache(maxsize=16)

@@ -102,44 +102,88 @@ def gram_backward(ms: list[Tensor], xs: list[Tensor]) -> list[Tensor]:
     return out
 
 
+def shift_rows_into(z: Tensor, x: Tensor, s: int, e: int, ref: Tensor | None = None) -> None:
+    """``z`` (e - s, p, any row stride) <- rows ``s:e`` of ``x - ref`` in ``z``'s dtype; ``ref``
+    (1, p) in ``z``'s dtype, default ``x[:1]`` (the row shift)."""
+    if x.dtype == z.dtype:
+        torch.sub(x[s:e], x[:1] if ref is None else ref, out=z)
+    else:  # upcast first: the shift must be exact in the accumulation dtype
+        z.copy_(x[s:e]).sub_(x[:1].to(z.dtype) if ref is None else ref)
+
+
+def _pair_blocks(x: Tensor, y: Tensor, acc: torch.dtype, elems: int):
+    """Row blocks of the pair and one reused buffer for ``z' = [x' y']`` of the widest block."""
+    n, w = x.shape[0], x.shape[1] + y.shape[1]
+    blocks = _blocks(n, w, elems)
+    return blocks, _empty(max((e - s for s, e in blocks), default=0) * w, acc, x.device)
+
+
+def _shifted_pair(buf: Tensor, x: Tensor, y: Tensor, s: int, e: int) -> Tensor:
+    """Rows ``s:e`` of ``[x' y']``, ``(e - s, p + q)``, written into ``buf``."""
+    p = x.shape[1]
+    z = buf[: (e - s) * (p + y.shape[1])].view(e - s, -1)
+    shift_rows_into(z[:, :p], x, s, e)
+    shift_rows_into(z[:, p:], y, s, e)
+    return z
+
+
+def symmetric_cpu(t: Tensor, acc: torch.dtype) -> bool:
+    """Whether products of ``t``'s device in ``acc`` go through ``?syrk`` (one triangle)."""
+    return t.device.type == "cpu" and cpu_syrk.available(acc)
+
+
+def add_zz_(full: Tensor, z: Tensor, first: bool, sym: bool) -> None:
+    """``full`` (m, m) <- ``zᵀ z`` (``first``) or ``full + zᵀ z`` for a row block ``z`` (r, m)
+    with unit column stride; only the lower triangle when ``sym`` (mirror it at the end)."""
+    if sym:
+        cpu_syrk.syrk_t_lower_(full, z, 0.0 if first else 1.0)
+    elif first:
+        torch.mm(z.T, z, out=full)
+    else:
+        full.addmm_(z.T, z)
+
+
 def cross(xs: list[Tensor], ys: list[Tensor]):
+    """Per pair, ``S = z'ᵀ z'`` for ``z' = [x' y']`` (one symmetric product: ``x'ᵀx'``, ``y'ᵀy'``
+    and ``x'ᵀy'`` are its blocks), accumulated over row blocks; one ``?syrk`` per block on CPU."""
     aa, bb, cc, sx, sy = [], [], [], [], []
     for x, y in zip(xs, ys):
         acc = acc_dtype(x.dtype)
-        n, p = x.shape
-        q = y.shape[1]
-        x0, y0 = x[0].to(acc), y[0].to(acc)
-        a = x.new_zeros((p, p), dtype=acc)
-        b = x.new_zeros((q, q), dtype=acc)
-        c = x.new_zeros((p, q), dtype=acc)
-        su = x.new_zeros((p,), dtype=acc)
-        sv = x.new_zeros((q,), dtype=acc)
-        for s, e in _blocks(n, p + q):
-            xb, yb = x[s:e].to(acc) - x0, y[s:e].to(acc) - y0
-            a.addmm_(xb.T, xb)
-            b.addmm_(yb.T, yb)
-            c.addmm_(xb.T, yb)
-            su += xb.sum(0)
-            sv += yb.sum(0)
-        aa.append(a)
-        bb.append(b)
-        cc.append(c)
-        sx.append(su)
-        sy.append(sv)
+        p, q = x.shape[1], y.shape[1]
+        sym = symmetric_cpu(x, acc)
+        blocks, buf = _pair_blocks(x, y, acc, _SYRK_BLOCK_ELEMS if sym else _BLOCK_ELEMS)
+        full = x.new_zeros((p + q, p + q), dtype=acc)
+        sums = x.new_zeros((p + q,), dtype=acc)
+        for i, (s, e) in enumerate(blocks):
+            z = _shifted_pair(buf, x, y, s, e)
+            add_zz_(full, z, i == 0, sym)  # with sym: half the multiply-adds, mirrored below
+            sums += z.sum(0)
+        if sym:
+            full = cpu_syrk.mirror_lower(full)
+        aa.append(full[:p, :p])
+        bb.append(full[p:, p:])
+        cc.append(full[:p, p:])
+        sx.append(sums[:p])
+        sy.append(sums[p:])
     return aa, bb, cc, sx, sy
 
 
 def cross_backward(xs, ms, ys, ns, vs) -> list[Tensor]:
+    """``dx = [x' y'] [m; nm] + v``: one GEMM per row block (inner size ``p + q``), written
+    straight into ``dx``'s rows."""
     out = []
-    for x, m, y, nn_, v in zip(xs, ms, ys, ns, vs):
+    for x, m, y, nm, v in zip(xs, ms, ys, ns, vs):
         acc = acc_dtype(x.dtype)
-        n, p = x.shape
-        x0, y0 = x[0].to(acc), y[0].to(acc)
-        dx = torch.empty_like(x, memory_format=torch.contiguous_format)
-        m, nn_, v = m.to(acc), nn_.to(acc), v.to(acc)
-        for s, e in _blocks(n, p + y.shape[1]):
-            xb, yb = x[s:e].to(acc) - x0, y[s:e].to(acc) - y0
-            dx[s:e] = torch.addmm(v, xb, m).addmm_(yb, nn_)
+        w = torch.cat([m.to(acc), nm.to(acc)])  # (p + q, p)
+        v = v.to(acc)
+        dx = _empty(x.shape, x.dtype, x.device)
+        blocks, buf = _pair_blocks(x, y, acc, _BLOCK_ELEMS)
+        for s, e in blocks:
+            z = _shifted_pair(buf, x, y, s, e)
+            if dx.dtype == acc:
+                torch.addmm(v, z, w, out=dx[s:e])
+            else:
+                dx[s:e] = torch.addmm(v, z, w)
         out.append(dx)
     return out
 

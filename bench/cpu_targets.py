@@ -11,6 +11,11 @@
   flops counted as full GEMMs (``2n²p`` per Gram of each side, ``2n²p`` for ``dX``) at the rate of a
   2048³ fp32 matmul.
 * ``debiased_tokens``: debiased CKA at n = 16384, p = q = 256, fwd+bwd, and the extra peak RSS.
+* ``loss_tokens``: ``guidance_loss`` (CKA, feature form) fwd+bwd at n = 16384, 4 pairs of
+  p = q = 256, vs its full-GEMM floor (``2n(p² + q² + pq)`` forward, ``2n(p² + qp)`` for ``dX``).
+* ``*_primitives_s``: the same work done by the bare MKL primitives the package builds on (``?syrk``
+  of the unshifted activations, ``M @ X`` into a fresh huge-page ``dX``), without the row shift,
+  the scale check, centring or the CKA math: the best this design can do on this machine.
 
 Writes a JSON with the machine's CPU, BLAS, threads and load averages.
 """
@@ -25,6 +30,7 @@ import time
 import torch
 
 import guidance_kernels as gk
+from guidance_kernels.backends import cpu_pages, cpu_syrk
 from guidance_kernels.bench.baselines import paper_loss
 from guidance_kernels.bench.runner import device_name
 from guidance_kernels.bench.timing import measure
@@ -46,6 +52,22 @@ def interleaved(fns: dict, budget: float, rounds: int = 3) -> dict:
         for k, fn in fns.items():
             best[k] = min(best[k], t_med(fn, budget / rounds))
     return best
+
+
+def _syrks(xs):
+    """The bare ``?syrk`` of each (unshifted) ``x``: the Gram primitive alone."""
+    k = torch.empty(xs[0].shape[0], xs[0].shape[0])
+    for x in xs:
+        cpu_syrk.syrk_lower_(k, x, 0.0)
+
+
+def _loss_primitives(tx, gy):
+    """Target and guide ``?syrk`` and ``dX = M X`` into a fresh huge-page tensor, per layer."""
+    _syrks(tx)
+    _syrks(gy)
+    m = torch.ones(tx[0].shape[0], tx[0].shape[0])
+    for x in tx:
+        torch.mm(m, x, out=cpu_pages.empty(x.shape, x.dtype))
 
 
 def main():
@@ -84,7 +106,8 @@ def main():
     n = 256 // s
     xs = [r(n, 4096 // s) for _ in range(12)]
     ys = [r(n, 3072 // s) for _ in range(12)]
-    fns = {"gk_s": lambda: gk.cka_matrix(xs, ys, debiased=True), "raw_grams_s": lambda: [x @ x.T for x in xs + ys]}
+    fns = {"gk_s": lambda: gk.cka_matrix(xs, ys, debiased=True), "raw_grams_s": lambda: [x @ x.T for x in xs + ys],
+           "syrk_primitives_s": lambda: _syrks(xs + ys)}
     try:
         import cka
 
@@ -112,12 +135,32 @@ def main():
         return call
 
     flops = sum(2.0 * n * n * (3 * p) for p in ps)
-    tt = interleaved({"gk": loss(lambda a, b: gk.guidance_loss(a, b)), "paper": loss(paper_loss)}, budget)
+    fns = {"gk": loss(lambda a, b: gk.guidance_loss(a, b)), "paper": loss(paper_loss)}
+    if cpu_syrk.available(torch.float32):
+        fns["primitives"] = lambda: _loss_primitives([x.detach() for x in tx], gy)
+    tt = interleaved(fns, budget)
     t_loss, t_paper = tt["gk"], tt["paper"]
     row = {"gk_s": t_loss, "paper_s": t_paper, "full_gemm_floor_s": flops / rate,
            "pct_floor": 100 * flops / rate / t_loss, "speedup_vs_paper": t_paper / t_loss}
+    if "primitives" in tt:
+        row["primitives_s"] = tt["primitives"]
     out["loss_resnet18_half"] = row
     print("loss fwd+bwd:", row)
+
+    # per-token CKA: the feature form (p, q << n)
+    nt2, pt = 16384 // s, 256
+    kx = [r(nt2, pt).requires_grad_() for _ in range(4)]
+    ky = [r(nt2, pt) for _ in range(4)]
+
+    def tokens():
+        gk.guidance_loss(kx, ky).backward()
+        for x in kx:
+            x.grad = None
+
+    tok_flops = 4 * (2.0 * nt2 * 3 * pt * pt + 2.0 * nt2 * 2 * pt * pt)
+    out["loss_tokens"] = {"n": nt2, "p": pt, "pairs": 4, "gk_s": interleaved({"gk": tokens}, budget)["gk"],
+                          "flops": tok_flops}
+    print("loss tokens:", out["loss_tokens"])
 
     # the floor's rate: the faster of the GEMM before and after (a loaded machine slows it too)
     rate2 = 2 * m**3 / t_med(lambda: A @ B, budget)
@@ -126,6 +169,12 @@ def main():
     lr = out["loss_resnet18_half"]
     lr["full_gemm_floor_s"] = flops / best
     lr["pct_floor"] = 100 * flops / best / t_loss
+    if "primitives_s" in lr:
+        lr["primitives_pct_floor"] = 100 * flops / best / lr["primitives_s"]
+    tok = out.get("loss_tokens")
+    if tok:
+        tok["full_gemm_floor_s"] = tok["flops"] / best
+        tok["pct_floor"] = 100 * tok["flops"] / best / tok["gk_s"]
     print(f"GEMM rate after {rate2 / 1e9:.1f} GFLOP/s; loss at {lr['pct_floor']:.1f} % of the floor at the faster rate")
     out["loadavg_after"] = list(os.getloadavg())
     if a.out:

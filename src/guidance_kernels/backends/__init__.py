@@ -15,7 +15,8 @@ catastrophically, centering a shifted one does not. Kernels subtract ``x[0, f]``
 ``gram(xs) -> list[Tensor]``
     ``xs[i]``: 2-D ``(n_i, p_i)`` float tensor (fp64/fp32/fp16/bf16, any strides).
     Returns ``x' @ x'.T``, shape ``(n_i, n_i)``, in the accumulation dtype
-    (fp64 for fp64 inputs, fp32 otherwise).
+    (fp64 for fp64 inputs, fp32 otherwise): a list, or (when every ``n_i`` and accumulation
+    dtype agree) one fresh stacked ``(L, n, n)`` tensor, which the op then centres in place.
 ``gram_backward(ms, xs) -> list[Tensor]``
     ``ms[i]``: ``(n_i, n_i)`` accumulation-dtype matrix (symmetric and centered in practice).
     Returns ``ms[i] @ x'``, shape ``(n_i, p_i)``, in ``xs[i].dtype``.

@@ -20,7 +20,7 @@ from guidance_kernels.planning import acc_dtype
 
 _BLOCK_ELEMS = 1 << 22  # largest temporary, in elements (16 MiB of fp32)
 _SYRK_BLOCK_ELEMS = 1 << 20  # shifted column block feeding ``?syrk`` (4 MiB of fp32; measured best)
-_BWD_BLOCK_ELEMS = 1 << 18  # shifted column block of ``dX = M X'`` (1 MiB of fp32; measured)
+_BWD_BLOCK_ELEMS = 1 << 19  # shifted column block of ``dX = M X'`` (2 MiB of fp32; measured)
 _BWD_MIN_COLS = 512  # below this width the GEMM re-reads M (n x n) too often for large n
 
 

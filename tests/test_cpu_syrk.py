@@ -15,20 +15,29 @@ F32, F64 = torch.float32, torch.float64
 
 
 @pytest.mark.parametrize("dtype", [F32, F64])
-def test_syrk_matches_gemm_on_strided_blocks(dtype):
+@pytest.mark.parametrize("transposed", [False, True])
+def test_syrk_matches_gemm_on_strided_blocks(dtype, transposed):
+    """``syrk_lower_`` (``a aᵀ``) over two column blocks, ``syrk_t_lower_`` (``aᵀ a``) over two row
+    blocks of a column slice: strided views, no copy; beta = 0 then 1; one triangle written."""
     if not cpu_syrk.available(dtype):
         pytest.skip("no MKL ?syrk in this PyTorch build (the GEMM fallback is tested below)")
     g = torch.Generator().manual_seed(0)
-    big = torch.randn(30, 50, generator=g, dtype=dtype)
-    a, b = big[:, 3:20], big[:, 20:47]  # column blocks: row stride 50, no copy
-    c = torch.full((30, 30), float("nan"), dtype=dtype)
-    cpu_syrk.syrk_lower_(c, a, 0.0)  # beta = 0 ignores the (NaN) contents
-    cpu_syrk.syrk_lower_(c, b, 1.0)
-    iu = torch.triu_indices(30, 30, 1)
+    big = torch.randn(40, 50, generator=g, dtype=dtype)
+    if transposed:
+        z, fn = big[:, 2:25], cpu_syrk.syrk_t_lower_
+        parts, want = (z[:17], z[17:]), z.double().T @ z.double()
+    else:
+        z, fn = big[:, 3:47], cpu_syrk.syrk_lower_
+        parts, want = (z[:, :17], z[:, 17:]), z.double() @ z.double().T
+    m = want.shape[0]
+    c = torch.full((m, m), float("nan"), dtype=dtype)
+    fn(c, parts[0], 0.0)  # beta = 0 ignores the (NaN) contents
+    fn(c, parts[1], 1.0)
+    iu = torch.triu_indices(m, m, 1)
     assert torch.isnan(c[iu[0], iu[1]]).all()  # the strict upper triangle is not touched
     c = cpu_syrk.mirror_lower(c)
-    want = a.double() @ a.double().T + b.double() @ b.double().T
-    assert_entrywise(c, want, abs_product(big[:, 3:47], big[:, 3:47].T), k=44, acc_dtype=dtype, input_dtype=dtype)
+    scale = abs_product(z.T, z) if transposed else abs_product(z, z.T)
+    assert_entrywise(c, want, scale, k=44, acc_dtype=dtype, input_dtype=dtype)
 
 
 def _offset_inputs(dtype):
@@ -58,23 +67,6 @@ def test_env_switch_disables_mkl_syrk():
     env = {**__import__("os").environ, "GK_NO_MKL_SYRK": "1"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.strip() == "False"
-
-
-@pytest.mark.parametrize("dtype", [F32, F64])
-def test_transposed_syrk_matches_gemm_on_strided_blocks(dtype):
-    if not cpu_syrk.available(dtype):
-        pytest.skip("no MKL ?syrk in this PyTorch build (the GEMM fallback is tested below)")
-    g = torch.Generator().manual_seed(2)
-    big = torch.randn(40, 30, generator=g, dtype=dtype)
-    a, b = big[:17, 2:25], big[17:, 2:25]  # row blocks of a column slice: row stride 30
-    c = torch.full((23, 23), float("nan"), dtype=dtype)
-    cpu_syrk.syrk_t_lower_(c, a, 0.0)
-    cpu_syrk.syrk_t_lower_(c, b, 1.0)
-    iu = torch.triu_indices(23, 23, 1)
-    assert torch.isnan(c[iu[0], iu[1]]).all()
-    c = cpu_syrk.mirror_lower(c)
-    z = big[:, 2:25].double()
-    assert_entrywise(c, z.T @ z, abs_product(z.T, z), k=40, acc_dtype=dtype, input_dtype=dtype)
 
 
 @pytest.mark.parametrize("dtype", [F32, F64, torch.bfloat16])

@@ -114,6 +114,13 @@ class Peer:
 
     def pair_loss(self, xs: list[Tensor], ys: list[Tensor]) -> Tensor:
         """``sum_l (1 - CKA(xs[l], ys[l]))`` over whole batches, 0-dim, forward only."""
+        total = 0.0
+        for x, y in zip(xs, ys):
+            total = total + (1.0 - self.pair_score(x, y))
+        return torch.as_tensor(total)
+
+    def pair_score(self, x: Tensor, y: Tensor):
+        """The peer's CKA of one pair (a 0-dim tensor or a float)."""
         raise NotImplementedError
 
     def minibatch_map(self, acts_a, acts_b, batch_size: int, symmetric: bool = False) -> Tensor:
@@ -125,13 +132,10 @@ class _Ckatorch(Peer):
     dist, module, attr, metric = "ckatorch", "ckatorch", "cka_base", "cka"
     note = "ckatorch.cka_base per pair (fp64 inside)"
 
-    def pair_loss(self, xs, ys):
+    def pair_score(self, x, y):
         import ckatorch
 
-        total = 0.0
-        for x, y in zip(xs, ys):
-            total = total + (1.0 - ckatorch.cka_base(x.flatten(1), y.flatten(1)))
-        return torch.as_tensor(total)
+        return ckatorch.cka_base(x.flatten(1), y.flatten(1))
 
     def minibatch_map(self, acts_a, acts_b, batch_size, symmetric=False):
         from ckatorch import cka_batch
@@ -153,13 +157,10 @@ class _PytorchCka(Peer):
     dist, module, attr, metric = "pytorch-cka", "cka", "cka_from_features", "debiased_cka"
     note = "cka.cka_from_features per pair (debiased)"
 
-    def pair_loss(self, xs, ys):
+    def pair_score(self, x, y):
         import cka  # the module of the pytorch-cka distribution
 
-        total = 0.0
-        for x, y in zip(xs, ys):
-            total = total + (1.0 - cka.cka_from_features(_flat32(x), _flat32(y))[0, 0])
-        return torch.as_tensor(total)
+        return cka.cka_from_features(_flat32(x), _flat32(y))[0, 0]
 
     def minibatch_map(self, acts_a, acts_b, batch_size, symmetric=False):
         from cka import compute_cka
@@ -175,18 +176,14 @@ class _TorchCka(Peer):
     dist, module, attr, metric = "torch-cka", "torch_cka", "CKA", "debiased_cka"
     note = "torch_cka.CKA.compare per pair (debiased)"
 
-    def pair_loss(self, xs, ys):
+    def pair_score(self, x, y):
         from torch_cka import CKA
 
-        total = 0.0
-        dev = str(xs[0].device)
-        loader = _OneBatch((torch.zeros(1, device=xs[0].device),))
+        loader = _OneBatch((torch.zeros(1, device=x.device),))
         with _quiet():  # a tqdm bar per compare()
-            for x, y in zip(xs, ys):
-                m = CKA(_Emit(_flat32(x)), _Emit(_flat32(y)), "target", "guide", ["f"], ["f"], device=dev)
-                m.compare(loader, loader)
-                total += 1.0 - float(m.hsic_matrix[0, 0])
-        return torch.tensor(total)
+            m = CKA(_Emit(_flat32(x)), _Emit(_flat32(y)), "target", "guide", ["f"], ["f"], device=str(x.device))
+            m.compare(loader, loader)
+        return float(m.hsic_matrix[0, 0])
 
     def minibatch_map(self, acts_a, acts_b, batch_size, symmetric=False):
         from torch_cka import CKA

@@ -30,8 +30,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from guidance_kernels.backends import cpu_pages, cpu_syrk
-from guidance_kernels.backends.reference import add_zz_, shift_rows_into, symmetric_cpu
+from guidance_kernels.backends import cpu_syrk
+from guidance_kernels.backends.reference import add_zz_, pair_buffer, shifted_pair, symmetric_cpu
 from guidance_kernels.metrics import tolerance
 
 __all__ = ["debiased_cka_features", "debiased_cka_features_plain"]
@@ -76,21 +76,6 @@ def _forward_sums(x: Tensor, y: Tensor, acc: torch.dtype):
     return out, torch.cat(ds), torch.cat(es), mx, my
 
 
-def _pair_buffer(x: Tensor, y: Tensor, acc: torch.dtype, blocks) -> Tensor:
-    rows = max((t - s for s, t in blocks), default=0)
-    shape = (rows * (x.shape[1] + y.shape[1]),)
-    return cpu_pages.empty(shape, acc) if x.device.type == "cpu" else x.new_empty(shape, dtype=acc)
-
-
-def _shifted(buf: Tensor, x: Tensor, y: Tensor, mx: Tensor, my: Tensor, s: int, t: int) -> Tensor:
-    """Rows ``s:t`` of ``[z w]`` (mean-shifted, ``acc``), written into the reused ``buf``."""
-    p = x.shape[1]
-    zw = buf[: (t - s) * (p + y.shape[1])].view(t - s, -1)
-    shift_rows_into(zw[:, :p], x, s, t, mx[None])
-    shift_rows_into(zw[:, p:], y, s, t, my[None])
-    return zw
-
-
 def _forward_sums_fast(x: Tensor, y: Tensor, acc: torch.dtype):
     """:func:`_forward_sums` without autograd (the forward of :class:`_FeatureDebiased`): each row
     block of ``[z w]`` is written into one reused buffer, ``[z w]ᵀ[z w]`` (holding A, B, C) is one
@@ -101,13 +86,13 @@ def _forward_sums_fast(x: Tensor, y: Tensor, acc: torch.dtype):
     blocks = _rows(n, w)
     mx, my = _mean(x, acc, blocks), _mean(y, acc, blocks)
     sym = symmetric_cpu(x, acc)
-    buf = _pair_buffer(x, y, acc, blocks)
+    buf = pair_buffer(x, y, acc, blocks)
     full = x.new_zeros((w, w), dtype=acc)
     sums = x.new_zeros((w,), dtype=acc)
     mom = x.new_zeros((w, 2), dtype=acc)  # [z w]ᵀ [d e]
     de = x.new_empty((n, 2), dtype=acc)
     for i, (s, t) in enumerate(blocks):
-        zw = _shifted(buf, x, y, mx, my, s, t)
+        zw = shifted_pair(buf, x, y, s, t, (mx[None], my[None]))
         torch.linalg.vecdot(zw[:, :p], zw[:, :p], out=de[s:t, 0])
         torch.linalg.vecdot(zw[:, p:], zw[:, p:], out=de[s:t, 1])
         add_zz_(full, zw, i == 0, sym)
@@ -223,10 +208,10 @@ class _FeatureDebiased(torch.autograd.Function):
                            k_s, k_o, is_x))
         p = x.shape[1]
         blocks = _rows(x.shape[0], p + y.shape[1])
-        buf = _pair_buffer(x, y, acc, blocks) if inplace else None
+        buf = pair_buffer(x, y, acc, blocks) if inplace else None
         for s, t in blocks:
             if inplace:  # the shifted rows in one reused buffer
-                zw = _shifted(buf, x, y, mx, my, s, t)
+                zw = shifted_pair(buf, x, y, s, t, (mx[None], my[None]))
             else:
                 zw = torch.cat([x[s:t].to(acc) - mx, y[s:t].to(acc) - my], 1)
             zb, wb = zw[:, :p], zw[:, p:]

@@ -51,6 +51,11 @@ def _shift_into(buf: Tensor, x: Tensor, s: int, e: int) -> Tensor:
     return c.sub_(c[:1].clone())
 
 
+def symmetric_cpu(t: Tensor, acc: torch.dtype) -> bool:
+    """Whether products of ``t``'s device in ``acc`` go through ``?syrk`` (one triangle)."""
+    return t.device.type == "cpu" and cpu_syrk.available(acc)
+
+
 def _gram_into(k: Tensor, x: Tensor, buf: Tensor, blocks, sym: bool) -> None:
     """``k`` (n, n, contiguous) <- ``x' x'ᵀ`` (only its lower triangle when ``sym``)."""
     if not blocks:  # no features: the Gram of nothing
@@ -73,7 +78,7 @@ def gram(xs: list[Tensor]):
         return [gram([x])[0] for x in xs]
     acc, x0 = accs.pop(), xs[0]
     n = x0.shape[0]
-    sym = x0.device.type == "cpu" and cpu_syrk.available(acc)
+    sym = symmetric_cpu(x0, acc)
     elems = _SYRK_BLOCK_ELEMS if sym else _BLOCK_ELEMS
     plans = [_blocks(x.shape[1], n, elems) for x in xs]
     buf = _buffer(n, plans, acc, x0.device)
@@ -102,7 +107,7 @@ def gram_backward(ms: list[Tensor], xs: list[Tensor]) -> list[Tensor]:
     return out
 
 
-def shift_rows_into(z: Tensor, x: Tensor, s: int, e: int, ref: Tensor | None = None) -> None:
+def _shift_rows_into(z: Tensor, x: Tensor, s: int, e: int, ref: Tensor | None = None) -> None:
     """``z`` (e - s, p, any row stride) <- rows ``s:e`` of ``x - ref`` in ``z``'s dtype; ``ref``
     (1, p) in ``z``'s dtype, default ``x[:1]`` (the row shift)."""
     if x.dtype == z.dtype:
@@ -111,25 +116,26 @@ def shift_rows_into(z: Tensor, x: Tensor, s: int, e: int, ref: Tensor | None = N
         z.copy_(x[s:e]).sub_(x[:1].to(z.dtype) if ref is None else ref)
 
 
+def pair_buffer(x: Tensor, y: Tensor, acc: torch.dtype, blocks) -> Tensor:
+    """One flat buffer for the widest row block of ``[x' y']``, reused by every block."""
+    rows = max((e - s for s, e in blocks), default=0)
+    return _empty(rows * (x.shape[1] + y.shape[1]), acc, x.device)
+
+
 def _pair_blocks(x: Tensor, y: Tensor, acc: torch.dtype, elems: int):
-    """Row blocks of the pair and one reused buffer for ``z' = [x' y']`` of the widest block."""
-    n, w = x.shape[0], x.shape[1] + y.shape[1]
-    blocks = _blocks(n, w, elems)
-    return blocks, _empty(max((e - s for s, e in blocks), default=0) * w, acc, x.device)
+    """Row blocks of the pair and their :func:`pair_buffer`."""
+    blocks = _blocks(x.shape[0], x.shape[1] + y.shape[1], elems)
+    return blocks, pair_buffer(x, y, acc, blocks)
 
 
-def _shifted_pair(buf: Tensor, x: Tensor, y: Tensor, s: int, e: int) -> Tensor:
-    """Rows ``s:e`` of ``[x' y']``, ``(e - s, p + q)``, written into ``buf``."""
+def shifted_pair(buf: Tensor, x: Tensor, y: Tensor, s: int, e: int, refs=(None, None)) -> Tensor:
+    """Rows ``s:e`` of ``[x - refs[0]  y - refs[1]]`` (default: the row shifts ``x'``, ``y'``),
+    ``(e - s, p + q)`` in ``buf``'s dtype, written into ``buf``."""
     p = x.shape[1]
     z = buf[: (e - s) * (p + y.shape[1])].view(e - s, -1)
-    shift_rows_into(z[:, :p], x, s, e)
-    shift_rows_into(z[:, p:], y, s, e)
+    _shift_rows_into(z[:, :p], x, s, e, refs[0])
+    _shift_rows_into(z[:, p:], y, s, e, refs[1])
     return z
-
-
-def symmetric_cpu(t: Tensor, acc: torch.dtype) -> bool:
-    """Whether products of ``t``'s device in ``acc`` go through ``?syrk`` (one triangle)."""
-    return t.device.type == "cpu" and cpu_syrk.available(acc)
 
 
 def add_zz_(full: Tensor, z: Tensor, first: bool, sym: bool) -> None:
@@ -155,7 +161,7 @@ def cross(xs: list[Tensor], ys: list[Tensor]):
         full = x.new_zeros((p + q, p + q), dtype=acc)
         sums = x.new_zeros((p + q,), dtype=acc)
         for i, (s, e) in enumerate(blocks):
-            z = _shifted_pair(buf, x, y, s, e)
+            z = shifted_pair(buf, x, y, s, e)
             add_zz_(full, z, i == 0, sym)  # with sym: half the multiply-adds, mirrored below
             sums += z.sum(0)
         if sym:
@@ -179,7 +185,7 @@ def cross_backward(xs, ms, ys, ns, vs) -> list[Tensor]:
         dx = _empty(x.shape, x.dtype, x.device)
         blocks, buf = _pair_blocks(x, y, acc, _BLOCK_ELEMS)
         for s, e in blocks:
-            z = _shifted_pair(buf, x, y, s, e)
+            z = shifted_pair(buf, x, y, s, e)
             if dx.dtype == acc:
                 torch.addmm(v, z, w, out=dx[s:e])
             else:

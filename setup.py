@@ -1,4 +1,5 @@
-"""Build script. The pure-Python package always installs; the CUDA extension
+"""Build script. The pure-Python package always installs; the CPU extension
+``guidance_kernels._cpu`` (``csrc/cpu``) is added whenever torch imports at build time, and the CUDA extension
 ``guidance_kernels._C`` (sources in ``csrc/``) is added when a CUDA toolkit (nvcc) and a CUDA
 build of torch are present. Install torch first and build without isolation:
 
@@ -7,8 +8,11 @@ build of torch are present. Install torch first and build without isolation:
 
 Environment switches (see docs/cuda.md):
 
-``GUIDANCE_KERNELS_SKIP_CUDA_BUILD=1``  never build the extension (pure-Python install).
-``GUIDANCE_KERNELS_FORCE_BUILD=1``      the extension is required: a missing toolkit or a CPU-only
+``GUIDANCE_KERNELS_SKIP_CUDA_BUILD=1``  never build the CUDA extension.
+``GUIDANCE_KERNELS_SKIP_CPU_BUILD=1``   never build the CPU extension ``guidance_kernels._cpu``
+                                        (``csrc/cpu``: AVX-512 kernels, any C++17 compiler;
+                                        without it the CPU path uses MKL through PyTorch).
+``GUIDANCE_KERNELS_FORCE_BUILD=1``      both extensions are required: a missing toolkit or a CPU-only
                                         torch is an error instead of a skipped build.
 ``GUIDANCE_KERNELS_CUDA_ARCHS``         target architectures, ``;``/``,``/space separated, each
                                         ``80``, ``8.0``, ``sm_80`` or ``90a``, optionally with
@@ -39,6 +43,8 @@ SOURCES = [
     "csrc/cross_fwd.cu",
     "csrc/cross_bwd.cu",
 ]
+CPU_EXT_NAME = "guidance_kernels._cpu"
+CPU_SOURCES = ["csrc/cpu/gram_shifted.cpp"]
 DEFAULT_ARCHS = "80+PTX;90a"
 
 
@@ -169,5 +175,23 @@ def _cuda_extension():
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
-ext_modules, cmdclass = _cuda_extension()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+def _cpu_extension():
+    """The CPU extension ``guidance_kernels._cpu`` (one C++ file, built whenever torch imports at
+    build time; its AVX-512 code is chosen at run time, so it builds on any CPU)."""
+    if _flag("GUIDANCE_KERNELS_SKIP_CPU_BUILD"):
+        _log("GUIDANCE_KERNELS_SKIP_CPU_BUILD set: installing without the CPU extension")
+        return [], {}
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except ImportError as e:
+        if _flag("GUIDANCE_KERNELS_FORCE_BUILD"):
+            raise SystemExit(f"GUIDANCE_KERNELS_FORCE_BUILD is set but torch is not importable: {e}")
+        _log(f"not building the CPU extension: torch is not importable at build time ({e})")
+        return [], {}
+    ext = CppExtension(name=CPU_EXT_NAME, sources=CPU_SOURCES, extra_compile_args={"cxx": ["-O3", "-g0", "-fopenmp"]}, extra_link_args=["-fopenmp"])
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+cuda_modules, cmdclass = _cuda_extension()
+cpu_modules, cpu_cmdclass = _cpu_extension()
+setup(ext_modules=cuda_modules + cpu_modules, cmdclass={**cpu_cmdclass, **cmdclass})

@@ -3,9 +3,10 @@
 Exact math on the row-shifted activation ``x' = x - 1 x[0]`` (see the contract in
 :mod:`guidance_kernels.backends`), with fp32 accumulation for fp16/bf16 inputs. Activations are
 processed one column (or row) block at a time: the shift and the upcast go into one reused,
-cache-sized buffer per call, never a copy of a whole activation. On CPU, Grams use the
-symmetric rank-k update of :mod:`.cpu_syrk` (half the multiply-adds) when MKL provides it, else
-GEMMs; every product writes straight into its slice of the result (a stacked ``(L, n, n)``
+cache-sized buffer per call, never a copy of a whole activation. On CPU, fp32 Grams use the
+AVX-512 kernel of :mod:`.cpu_gram` (shift fused into the product, one triangle) when it is built,
+else the symmetric rank-k update of :mod:`.cpu_syrk` (half the multiply-adds) when MKL provides
+it, else GEMMs; every product writes straight into its slice of the result (a stacked ``(L, n, n)``
 table, or ``dX``'s columns, whose pages are advised huge: :mod:`.cpu_pages`).
 """
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from guidance_kernels.backends import Backend, cpu_pages, cpu_syrk, register_backend
+from guidance_kernels.backends import Backend, cpu_gram, cpu_pages, cpu_syrk, register_backend
 from guidance_kernels.metrics import gram_stats
 from guidance_kernels.planning import acc_dtype
 
@@ -80,12 +81,16 @@ def gram(xs: list[Tensor]):
     n = x0.shape[0]
     sym = symmetric_cpu(x0, acc)
     elems = _SYRK_BLOCK_ELEMS if sym else _BLOCK_ELEMS
-    plans = [_blocks(x.shape[1], n, elems) for x in xs]
+    fused = [cpu_gram.available(x) for x in xs]  # shift fused into the product, full matrix out
+    plans = [[] if f else _blocks(x.shape[1], n, elems) for x, f in zip(xs, fused)]
     buf = _buffer(n, plans, acc, x0.device)
     out = torch.empty((len(xs), n, n), dtype=acc, device=x0.device)
-    for k, x, blocks in zip(out, xs, plans):
-        _gram_into(k, x, buf, blocks, sym)
-    return cpu_syrk.mirror_lower(out) if sym else out
+    for k, x, blocks, f in zip(out, xs, plans, fused):
+        if f:
+            cpu_gram.gram_(k, x)
+        else:
+            _gram_into(k, x, buf, blocks, sym)
+    return cpu_syrk.mirror_lower(out) if sym and not all(fused) else out
 
 
 def gram_backward(ms: list[Tensor], xs: list[Tensor]) -> list[Tensor]:

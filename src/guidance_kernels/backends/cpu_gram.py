@@ -1,0 +1,66 @@
+"""The row-shifted Gram ``x' x'ᵀ`` (``x' = x - 1 x[0]``) of an fp32 CPU activation through the
+AVX-512 kernel of ``guidance_kernels._cpu`` (``csrc/cpu/gram_shifted.cpp``): the shift is fused
+into the packing of the product, only one triangle of 16x16 tiles is computed, and threads split
+the columns. It replaces "shift a column block into a buffer, then MKL ``?syrk``"
+(:mod:`.reference`), which reads every activation twice. (The backward ``dX = M x'`` stays on
+MKL: a fused AVX-512 version was measured no faster in the loss, 2026-12-03.)
+
+Used when the extension is built, the CPU has AVX-512, the kernel matched a float64 Gram on a
+small case at first use, and the input is fp32 with unit column stride and ``n <= MAX_N`` (each
+extra thread keeps a private ``n x n`` Gram). ``GK_NO_CPU_KERNEL=1`` in the environment turns it
+off (the MKL path then runs).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+from torch import Tensor
+
+__all__ = ["KC", "MAX_N", "available", "gram_"]
+
+KC = 384  # columns per packed block: 24 KiB per 16-row group; 256..384 measured best (L1 48 KiB)
+MAX_N = 2048  # private Gram per extra thread: n² fp32 (16 MiB at the limit)
+
+
+@functools.lru_cache(maxsize=None)
+def _module():
+    """The verified extension module, or None."""
+    if os.environ.get("GK_NO_CPU_KERNEL", "") not in ("", "0"):
+        return None
+    try:
+        from guidance_kernels import _cpu
+    except ImportError:
+        return None
+    if not _cpu.supported():
+        return None
+    # a case with edge groups (n = 37), several column blocks (kc = 16) and two chunks
+    x = torch.arange(37 * 70, dtype=torch.float32).reshape(37, 70).sin().add_(3.0)
+    got = torch.full((37, 37), float("nan"))
+    _cpu.gram_shifted_(x, got, 16, 2)
+    xd = x.double() - x[:1].double()
+    want = xd @ xd.T
+    if not bool(((got.double() - want).abs() <= 1e-5 * want.abs().max()).all()):
+        return None  # never use a kernel that disagrees with the reference
+    return _cpu
+
+
+def available(x: Tensor) -> bool:
+    """Whether :func:`gram_` runs for ``x`` (n, p)."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and x.dim() == 2
+        and 0 < x.shape[0] <= MAX_N
+        and (x.stride(1) == 1 or x.shape[1] <= 1)
+        and _module() is not None
+    )
+
+
+def gram_(out: Tensor, x: Tensor) -> Tensor:
+    """``out`` (n, n, fp32, contiguous) <- the full symmetric ``x' x'ᵀ`` of ``x`` (n, p, fp32);
+    :func:`available` must hold."""
+    _module().gram_shifted_(x, out, KC, torch.get_num_threads())
+    return out

@@ -1,0 +1,108 @@
+"""The fused AVX-512 row-shifted Gram (csrc/cpu/gram_shifted.cpp via backends/cpu_gram.py) against
+the fp64 reference: edge groups (n not a multiple of 16), column blocks and thread chunks of every
+kind, strided input, offset data where ||Kc|| / ||K|| ~ 1e-7, a NaN-poisoned output; and its use
+by the reference backend. Skipped (with the reason) where the extension is not built or the CPU
+has no AVX-512: the MKL path it replaces is tested in tests/test_cpu_syrk.py."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from guidance_kernels.backends import cpu_gram, reference
+from tolerance import abs_product, assert_entrywise
+
+F32, F64 = torch.float32, torch.float64
+
+needs_kernel = pytest.mark.skipif(
+    cpu_gram._module() is None, reason="guidance_kernels._cpu not built, no AVX-512, or GK_NO_CPU_KERNEL set"
+)
+
+
+def _check(x: torch.Tensor, kc: int, chunks: int) -> None:
+    n = x.shape[0]
+    got = torch.full((n, n), float("nan"))  # poison: every entry must be written
+    cpu_gram._module().gram_shifted_(x, got, kc, chunks)
+    xs = x.double() - x[:1].double()  # the shifted rows, exact in fp64
+    assert torch.equal(got, got.T), "not symmetric"
+    assert_entrywise(got, xs @ xs.T, abs_product(xs, xs.T), k=max(x.shape[1], 1), msg=f"n={n} p={x.shape[1]} kc={kc} chunks={chunks}")
+
+
+@needs_kernel
+@pytest.mark.parametrize("n", [1, 2, 15, 16, 17, 40])
+@pytest.mark.parametrize("p", [1, 7, 16, 33, 300])
+def test_matches_fp64_on_offset_data(n, p):
+    g = torch.Generator().manual_seed(n * 1000 + p)
+    x = (torch.randn(n, p, generator=g, dtype=F64) * 0.5 + 3e3).float()  # ||Kc|| / ||K|| ~ 1e-7
+    for kc, chunks in ((384, 1), (16, 1), (16, 3), (7, 2), (384, 2)):
+        _check(x, kc, chunks)
+
+
+@needs_kernel
+def test_strided_input_and_wide_rows():
+    """A column slice of a wider tensor (row stride > p, unaligned start) and a long row."""
+    g = torch.Generator().manual_seed(5)
+    big = torch.randn(33, 1000, generator=g) - 7.0
+    _check(big[:, 3:930], 128, 2)
+    _check(big[5:, 1:], 384, 2)
+    _check(torch.randn(3, 20000, generator=g) + 1e3, 384, 2)
+
+
+@needs_kernel
+def test_no_columns_constant_rows_and_nan():
+    z = torch.full((5, 5), float("nan"))
+    cpu_gram._module().gram_shifted_(torch.empty(5, 0), z, 384, 2)
+    assert torch.equal(z, torch.zeros(5, 5))  # the Gram of nothing
+    c = torch.full((20, 50), 3.25)  # constant rows: the shift makes them exactly zero
+    out = torch.full((20, 20), float("nan"))
+    cpu_gram._module().gram_shifted_(c, out, 384, 2)
+    assert torch.equal(out, torch.zeros(20, 20))
+    x = torch.randn(20, 50)
+    x[4, 7] = float("nan")
+    cpu_gram._module().gram_shifted_(x, out, 384, 2)
+    assert torch.isnan(out[4]).all() and torch.isnan(out[:, 4]).all()  # NaN stays visible
+    assert not torch.isnan(out[:4, :4]).any()
+
+
+@needs_kernel
+def test_bad_arguments_name_the_problem():
+    k = cpu_gram._module()
+    with pytest.raises(RuntimeError, match="gram_shifted_.*float32"):
+        k.gram_shifted_(torch.randn(4, 5, dtype=F64), torch.empty(4, 4), 384, 1)
+    with pytest.raises(RuntimeError, match="gram_shifted_.*unit column stride"):
+        k.gram_shifted_(torch.randn(5, 4).T, torch.empty(4, 4), 384, 1)
+    with pytest.raises(RuntimeError, match=r"gram_shifted_.*shape \(4, 4\)"):
+        k.gram_shifted_(torch.randn(4, 5), torch.empty(5, 5), 384, 1)
+
+
+@needs_kernel
+def test_reference_backend_uses_it_for_fp32_only(monkeypatch):
+    """fp32 layers go through the kernel, fp64 / bf16 / transposed / too-large-n ones through
+    MKL; a mixed stack is right everywhere (the MKL layers are mirrored, the fused ones are not
+    touched)."""
+    calls = []
+    real = cpu_gram.gram_
+    monkeypatch.setattr(cpu_gram, "gram_", lambda out, x: calls.append(x.shape) or real(out, x))
+    g = torch.Generator().manual_seed(6)
+    a = torch.randn(24, 300, generator=g) + 50.0
+    b = torch.randn(300, 24, generator=g).T  # unit row stride: the MKL path
+    for dtype in (F64, torch.bfloat16):
+        reference.gram([a.to(dtype)])
+    assert calls == []
+    got = reference.gram([a, b, a[:, :100]])
+    assert calls == [(24, 300), (24, 100)]
+    for k, x in zip(got, (a, b, a[:, :100])):
+        xs = x.double() - x[:1].double()
+        assert_entrywise(k, xs @ xs.T, abs_product(xs, xs.T), k=300)
+    monkeypatch.setattr(cpu_gram, "MAX_N", 16)
+    calls.clear()
+    reference.gram([a])
+    assert calls == []
+
+
+def test_env_switch_disables_the_kernel():
+    code = "import torch; from guidance_kernels.backends import cpu_gram; print(cpu_gram.available(torch.ones(4, 4)))"
+    env = {**__import__("os").environ, "GK_NO_CPU_KERNEL": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == "False"

@@ -15,7 +15,7 @@ import guidance_kernels
 ROOT = pathlib.Path(guidance_kernels.__file__).parent
 PKG = "guidance_kernels"
 # compiled modules (built from csrc/, maybe absent here): leaves of the graph, lowest layer
-EXTENSIONS = {f"{PKG}._C"}
+EXTENSIONS = {f"{PKG}._C", f"{PKG}._cpu"}
 
 # lowest first; a module may import modules of its own layer or below, never above
 LAYERS = [

@@ -23,7 +23,7 @@ needs_kernel = pytest.mark.skipif(
 def _check(x: torch.Tensor, kc: int, chunks: int) -> None:
     n = x.shape[0]
     got = torch.full((n, n), float("nan"))  # poison: every entry must be written
-    cpu_gram._module().gram_shifted_(x, got, kc, chunks)
+    cpu_gram._module().gram_shifted_(x, got, kc, chunks, torch.empty(0))
     xs = x.double() - x[:1].double()  # the shifted rows, exact in fp64
     assert torch.equal(got, got.T), "not symmetric"
     assert_entrywise(got, xs @ xs.T, abs_product(xs, xs.T), k=max(x.shape[1], 1), msg=f"n={n} p={x.shape[1]} kc={kc} chunks={chunks}")
@@ -52,15 +52,15 @@ def test_strided_input_and_wide_rows():
 @needs_kernel
 def test_no_columns_constant_rows_and_nan():
     z = torch.full((5, 5), float("nan"))
-    cpu_gram._module().gram_shifted_(torch.empty(5, 0), z, 384, 2)
+    cpu_gram._module().gram_shifted_(torch.empty(5, 0), z, 384, 2, torch.empty(0))
     assert torch.equal(z, torch.zeros(5, 5))  # the Gram of nothing
     c = torch.full((20, 50), 3.25)  # constant rows: the shift makes them exactly zero
     out = torch.full((20, 20), float("nan"))
-    cpu_gram._module().gram_shifted_(c, out, 384, 2)
+    cpu_gram._module().gram_shifted_(c, out, 384, 2, torch.empty(0))
     assert torch.equal(out, torch.zeros(20, 20))
     x = torch.randn(20, 50)
     x[4, 7] = float("nan")
-    cpu_gram._module().gram_shifted_(x, out, 384, 2)
+    cpu_gram._module().gram_shifted_(x, out, 384, 2, torch.empty(0))
     assert torch.isnan(out[4]).all() and torch.isnan(out[:, 4]).all()  # NaN stays visible
     assert not torch.isnan(out[:4, :4]).any()
 
@@ -69,11 +69,13 @@ def test_no_columns_constant_rows_and_nan():
 def test_bad_arguments_name_the_problem():
     k = cpu_gram._module()
     with pytest.raises(RuntimeError, match="gram_shifted_.*float32"):
-        k.gram_shifted_(torch.randn(4, 5, dtype=F64), torch.empty(4, 4), 384, 1)
+        k.gram_shifted_(torch.randn(4, 5, dtype=F64), torch.empty(4, 4), 384, 1, torch.empty(0))
     with pytest.raises(RuntimeError, match="gram_shifted_.*unit column stride"):
-        k.gram_shifted_(torch.randn(5, 4).T, torch.empty(4, 4), 384, 1)
+        k.gram_shifted_(torch.randn(5, 4).T, torch.empty(4, 4), 384, 1, torch.empty(0))
+    with pytest.raises(RuntimeError, match="gram_shifted_.*range"):
+        k.gram_shifted_(torch.randn(4, 5), torch.empty(4, 4), 384, 1, torch.empty(3))
     with pytest.raises(RuntimeError, match=r"gram_shifted_.*shape \(4, 4\)"):
-        k.gram_shifted_(torch.randn(4, 5), torch.empty(5, 5), 384, 1)
+        k.gram_shifted_(torch.randn(4, 5), torch.empty(5, 5), 384, 1, torch.empty(0))
 
 
 @needs_kernel
@@ -106,3 +108,72 @@ def test_env_switch_disables_the_kernel():
     env = {**__import__("os").environ, "GK_NO_CPU_KERNEL": "1"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.strip() == "False"
+
+
+@needs_kernel
+def test_range_is_min_and_max_of_x():
+    """The min / max read while packing (the scale check's input) over edge groups, column tails
+    and thread chunks; an empty x gives (inf, -inf)."""
+    g = torch.Generator().manual_seed(7)
+    k = cpu_gram._module()
+    for n, p, kc, chunks in ((17, 300, 16, 3), (1, 5, 384, 1), (40, 1000, 128, 2), (33, 33, 7, 2)):
+        x = torch.randn(n, p, generator=g) * 3 + 1
+        x[n - 1, p - 1] = 1e3  # in the last (masked) lanes
+        rng = torch.full((2,), float("nan"))
+        k.gram_shifted_(x, torch.empty(n, n), kc, chunks, rng)
+        assert torch.equal(rng, torch.stack(torch.aminmax(x))), (n, p, kc, chunks)
+    rng = torch.full((2,), float("nan"))
+    k.gram_shifted_(torch.empty(4, 0), torch.empty(4, 4), 384, 2, rng)
+    assert rng.tolist() == [float("inf"), float("-inf")]
+
+
+def _scores_and_grads(fn, xs, ys):
+    xs = [x.detach().clone().requires_grad_() for x in xs]
+    out = fn(xs, ys)
+    out.sum().backward()
+    return out.detach(), [x.grad for x in xs]
+
+
+@needs_kernel
+@pytest.mark.parametrize("metric", ["cka", "debiased_cka"])
+def test_scale_check_read_by_the_kernel_is_bit_for_bit(metric, monkeypatch):
+    """CPU, every member to the fused kernel: no min/max pass (``rescale_all`` is not called),
+    and scores, CKA maps and gradients equal the ``rescale_all`` path bit for bit; extreme
+    magnitudes (``1e20``, ``1e-20``) fall back to ``rescale_all``, equal to it too (an all-zero
+    member has factor 1 on both paths)."""
+    import guidance_kernels as gk
+    from guidance_kernels import functional
+
+    calls = []
+    real = functional._scaling.rescale_all
+    monkeypatch.setattr(functional._scaling, "rescale_all", lambda xs: calls.append(len(xs)) or real(xs))
+    g = torch.Generator().manual_seed(8)
+    xs = [torch.randn(40, 300, generator=g) + 2.0, torch.randn(40, 70, generator=g)]
+    ys = [torch.randn(40, 50, generator=g), torch.randn(40, 90, generator=g) * 1e-3]
+    loss = lambda a, b: gk.guidance_loss(a, b, metric=metric, form="sample", reduction="none")  # noqa: E731
+    cmap = lambda a, b: gk.cka_matrix(a, b, debiased=metric == "debiased_cka")  # noqa: E731
+    cases = [(xs, ys, 0), ([xs[0] * 1e20, xs[1]], ys, 1), (xs, [ys[0], ys[1] * 1e-17], 1), ([xs[0], xs[1] * 0], ys, 0)]
+    for fn in (loss, cmap):
+        for a, b, rescaled in cases:
+            calls.clear()
+            fast = _scores_and_grads(fn, a, b)
+            assert len(calls) == rescaled, calls
+            with monkeypatch.context() as m:
+                m.setattr(functional, "_unscaled_cpu", lambda *args: None)  # always rescale_all
+                slow = _scores_and_grads(fn, a, b)
+            assert torch.equal(fast[0], slow[0])
+            for ga, gb in zip(fast[1], slow[1]):
+                assert torch.equal(ga, gb)
+
+
+@needs_kernel
+def test_feature_form_and_procrustes_keep_the_min_max_pass(monkeypatch):
+    import guidance_kernels as gk
+    from guidance_kernels import functional
+
+    seen = []
+    monkeypatch.setattr(cpu_gram, "recording_ranges", lambda: seen.append(1) or pytest.fail("no fast path here"))
+    x, y = torch.randn(300, 8), torch.randn(300, 6)
+    gk.guidance_loss([x], [y], form="feature")
+    gk.guidance_loss([x], [y], metric="procrustes")
+    assert seen == [] and functional._unscaled_cpu([x.double()], "reference", lambda: 1) is None

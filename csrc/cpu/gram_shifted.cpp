@@ -17,6 +17,7 @@
 #include <torch/csrc/utils/pybind.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -62,9 +63,10 @@ GK_AVX512 inline void transpose16(__m512 r[16]) {
   }
 }
 
-// P (groups x kc x 16) <- columns k0 .. k0+kc of x - 1 x0, packed as described above
+// P (groups x kc x 16) <- columns k0 .. k0+kc of x - 1 x0, packed as described above; lo / hi
+// take the min / max of the raw x read (the scale check for free: the read happens anyway)
 GK_AVX512 void pack_shifted(const float* x, int64_t ldx, int64_t n, int64_t k0, int64_t kc, int64_t groups,
-                            float* P) {
+                            float* P, __m512& lo, __m512& hi) {
   for (int64_t g = 0; g < groups; ++g) {
     float* pg = P + g * kc * 16;
     for (int64_t kk = 0; kk < kc; kk += 16) {
@@ -74,8 +76,14 @@ GK_AVX512 void pack_shifted(const float* x, int64_t ldx, int64_t n, int64_t k0, 
       __m512 r[16];
       for (int i = 0; i < 16; ++i) {
         const int64_t row = 16 * g + i;
-        r[i] = row < n ? _mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + row * ldx + k0 + kk), x0)
-                       : _mm512_setzero_ps();
+        if (row < n) {
+          const __m512 v = _mm512_maskz_loadu_ps(m, x + row * ldx + k0 + kk);
+          lo = _mm512_mask_min_ps(lo, m, lo, v);
+          hi = _mm512_mask_max_ps(hi, m, hi, v);
+          r[i] = _mm512_sub_ps(v, x0);
+        } else {
+          r[i] = _mm512_setzero_ps();
+        }
       }
       transpose16(r);
       for (int i = 0; i < w; ++i) _mm512_storeu_ps(pg + (kk + i) * 16, r[i]);
@@ -103,20 +111,23 @@ GK_AVX512 void tile(const float* P, int64_t kc, int64_t gi, int64_t gj, int64_t 
   }
 }
 
-// the upper triangle of K (n x n) of columns [c0, c1) of x, written (not accumulated)
-GK_AVX512 void gram_columns(const float* x, int64_t ldx, int64_t n, int64_t c0, int64_t c1, int64_t kc, float* K) {
+// the upper triangle of K (n x n) of columns [c0, c1) of x, written (not accumulated); range
+// <- {min, max} of those columns of x (+-inf when there are none)
+GK_AVX512 void gram_columns(const float* x, int64_t ldx, int64_t n, int64_t c0, int64_t c1, int64_t kc, float* K,
+                            float* range) {
+  __m512 lo = _mm512_set1_ps(INFINITY), hi = _mm512_set1_ps(-INFINITY);
   const int64_t groups = (n + 15) / 16;
   std::vector<float> P(static_cast<size_t>(groups * 16 * std::min(kc, std::max<int64_t>(c1 - c0, 1))));
-  if (c1 <= c0) {  // no columns: the Gram of nothing
+  if (c1 <= c0)  // no columns: the Gram of nothing
     std::fill(K, K + n * n, 0.0f);
-    return;
-  }
   for (int64_t k0 = c0; k0 < c1; k0 += kc) {
     const int64_t w = std::min(kc, c1 - k0);
-    pack_shifted(x, ldx, n, k0, w, groups, P.data());
+    pack_shifted(x, ldx, n, k0, w, groups, P.data(), lo, hi);
     for (int64_t gj = 0; gj < groups; ++gj)
       for (int64_t gi = gj; gi < groups; ++gi) tile(P.data(), w, gi, gj, n, K, k0 == c0);
   }
+  range[0] = _mm512_reduce_min_ps(lo);
+  range[1] = _mm512_reduce_max_ps(hi);
 }
 
 // K's strict lower triangle <- its upper triangle (16x16 blocks through registers)
@@ -160,7 +171,9 @@ bool supported() {
 
 // out (n, n) fp32 contiguous <- (x - 1 x[0])(x - 1 x[0])ᵀ for x (n, p) fp32 with unit column
 // stride; columns in blocks of kc, split over at most `chunks` threads (each a private Gram).
-void gram_shifted_(const Tensor& x, const Tensor& out, int64_t kc, int64_t chunks) {
+// range: an empty tensor, or 2 fp32 that receive {min, max} of x (+-inf for an empty x; where x
+// holds NaN they are unspecified: the caller's decision must not depend on them then).
+void gram_shifted_(const Tensor& x, const Tensor& out, int64_t kc, int64_t chunks, const Tensor& range) {
   GK_CHECK(supported(), "this CPU (or build) has no AVX-512");
   GK_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu(), "x must be a 2-D float32 CPU tensor");
   GK_CHECK(x.stride(1) == 1 || x.size(1) <= 1, "x must have unit column stride, got strides ", x.strides());
@@ -169,14 +182,20 @@ void gram_shifted_(const Tensor& x, const Tensor& out, int64_t kc, int64_t chunk
                out.size(1) == n && out.device().is_cpu(),
            "out must be a contiguous float32 CPU tensor of shape (", n, ", ", n, ")");
   GK_CHECK(kc >= 1 && chunks >= 1, "kc and chunks must be positive");
+  GK_CHECK(range.numel() == 0 || (range.numel() == 2 && range.scalar_type() == at::kFloat && range.is_contiguous() &&
+                                  range.device().is_cpu()),
+           "range must be empty or 2 contiguous float32 CPU values");
+  float lohi[2] = {INFINITY, -INFINITY};
+  if (range.numel() == 2) std::copy(lohi, lohi + 2, range.data_ptr<float>());
   if (n == 0) return;
 #if GK_X86
   const float* xp = x.data_ptr<float>();
   const int64_t ldx = x.stride(0);
   float* K = out.data_ptr<float>();
   chunks = std::max<int64_t>(1, std::min<int64_t>(chunks, p / kc));
+  std::vector<float> ranges(static_cast<size_t>(2 * chunks));
   if (chunks == 1) {
-    gram_columns(xp, ldx, n, 0, p, kc, K);
+    gram_columns(xp, ldx, n, 0, p, kc, K, ranges.data());
   } else {
     std::vector<std::vector<float>> priv(chunks - 1);
     const int64_t step = (p + chunks - 1) / chunks;
@@ -187,12 +206,17 @@ void gram_shifted_(const Tensor& x, const Tensor& out, int64_t kc, int64_t chunk
           priv[c - 1].resize(static_cast<size_t>(n * n));
           dst = priv[c - 1].data();
         }
-        gram_columns(xp, ldx, n, std::min(p, c * step), std::min(p, (c + 1) * step), kc, dst);
+        gram_columns(xp, ldx, n, std::min(p, c * step), std::min(p, (c + 1) * step), kc, dst, ranges.data() + 2 * c);
       }
     });
     for (auto& v : priv) add_into(K, v.data(), n * n);
   }
   mirror_upper(K, n);
+  for (int64_t c = 0; c < chunks; ++c) {
+    lohi[0] = std::min(lohi[0], ranges[2 * c]);
+    lohi[1] = std::max(lohi[1], ranges[2 * c + 1]);
+  }
+  if (range.numel() == 2) std::copy(lohi, lohi + 2, range.data_ptr<float>());
 #endif
 }
 
@@ -203,5 +227,6 @@ PYBIND11_MODULE(_cpu, m) {
   m.doc() = "guidance_kernels CPU kernels (AVX-512): the row-shifted Gram with the shift fused into packing";
   m.def("supported", &supported, "whether this CPU and build run the AVX-512 kernels");
   m.def("gram_shifted_", &gram_shifted_, pybind11::arg("x"), pybind11::arg("out"), pybind11::arg("kc"),
-        pybind11::arg("chunks"), "out (n, n) <- (x - 1 x[0])(x - 1 x[0])ᵀ, fp32");
+        pybind11::arg("chunks"), pybind11::arg("range"),
+        "out (n, n) <- (x - 1 x[0])(x - 1 x[0])ᵀ, fp32; range (2 or empty) <- {min, max} of x");
 }

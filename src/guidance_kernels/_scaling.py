@@ -20,7 +20,11 @@ gradient itself is outside fp32's range.
 
 Cost: one read of every input (the min/max) and, on accelerators, one scaled copy (read +
 write, and its gradient) per call whatever the factor (deciding on the host would sync). CPU
-tensors read the factor for free and skip the copy when it is 1.
+tensors read the factor for free and skip the copy when it is 1. On CPU, when every input goes
+to the fused Gram kernel (``backends/cpu_gram.py``), ``functional`` skips the min/max pass: the
+kernel reads min and max while packing, and the result is kept when :func:`all_unscaled` says
+every factor is 1 (exactly what this module would have used); otherwise it is recomputed
+through :func:`rescale_all`.
 """
 
 from __future__ import annotations
@@ -58,15 +62,26 @@ def _exponents(xs: list[Tensor]) -> list[tuple[list[int], Tensor, torch.dtype]]:
         for (dtype, _), idx in by_dtype.items():
             # max|x| = max(max x, -min x): one min/max pass (several times faster than |x|'s
             # max-norm on CPU), no |x| temporary
-            mm = torch.stack([torch.stack(torch.aminmax(xs[i].detach())) for i in idx]).double()
-            m = torch.maximum(mm[:, 1], -mm[:, 0])
-            e = _exponent(m)  # m in [2^e, 2^(e+1))
-            emax = math.frexp(torch.finfo(dtype).max)[1] - 1  # largest exponent of a finite value
-            k = torch.where((e >= -WINDOW) & (e < WINDOW), torch.zeros_like(e), -e)
-            k = k.clamp(-(emax - 1), emax - 1)  # s representable in the dtype (subnormal input)
-            k = torch.where((m > 0) & torch.isfinite(m), k, torch.zeros_like(k))
-            out.append((idx, k, dtype))
+            mm = torch.stack([torch.stack(torch.aminmax(xs[i].detach())) for i in idx])
+            out.append((idx, _exponents_of_ranges(mm, dtype), dtype))
     return out
+
+
+def _exponents_of_ranges(mm: Tensor, dtype: torch.dtype) -> Tensor:
+    """int64 ``k`` (``s = 2^k``) of each row ``(min, max)`` of ``mm`` (L, 2) for tensors of ``dtype``."""
+    mm = mm.double()
+    m = torch.maximum(mm[:, 1], -mm[:, 0])
+    e = _exponent(m)  # m in [2^e, 2^(e+1))
+    emax = math.frexp(torch.finfo(dtype).max)[1] - 1  # largest exponent of a finite value
+    k = torch.where((e >= -WINDOW) & (e < WINDOW), torch.zeros_like(e), -e)
+    k = k.clamp(-(emax - 1), emax - 1)  # s representable in the dtype (subnormal input)
+    return torch.where((m > 0) & torch.isfinite(m), k, torch.zeros_like(k))
+
+
+def all_unscaled(ranges: list[Tensor], dtype: torch.dtype) -> bool:
+    """Whether every ``(min, max)`` of ``ranges`` (CPU tensors of 2) gives ``s = 1``, i.e. whether
+    :func:`rescale_all` would return those tensors unchanged (a host read: CPU callers only)."""
+    return not bool(_exponents_of_ranges(torch.stack(ranges), dtype).any())
 
 
 def scale_factors(xs: list[Tensor]) -> list[Tensor]:

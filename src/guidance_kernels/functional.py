@@ -26,7 +26,7 @@ from torch import Tensor
 
 from guidance_kernels import _checks, _memory, _scaling, metrics, ops
 from guidance_kernels.feature_debiased import debiased_cka_features
-from guidance_kernels.backends import resolve_backend
+from guidance_kernels.backends import cpu_gram, resolve_backend
 from guidance_kernels.planning import (
     acc_dtype,
     assemble,
@@ -196,10 +196,9 @@ def pair_scores(
     sample = [i for i, f in enumerate(forms) if f == "sample"]
     feature = [i for i, f in enumerate(forms) if f == "feature"]
     dtype = score_dtype(xs + ys)
-    parts: list[tuple[list[int], Tensor]] = []
-    with no_autocast(xs[0].device):
-        scaled = _scaling.rescale_all(xs + ys)  # extreme magnitudes: see _scaling
-        xs, ys = scaled[: len(xs)], scaled[len(xs) :]
+
+    def scores(xs, ys):
+        parts: list[tuple[list[int], Tensor]] = []
         if sample:
             got = _sample_scores([xs[i] for i in sample], [ys[i] for i in sample], metric, name)
             parts += [([sample[j] for j in idx], s.to(dtype)) for idx, s in got]
@@ -207,6 +206,31 @@ def pair_scores(
             got = _feature_scores([xs[i] for i in feature], [ys[i] for i in feature], name, metric)
             parts += [([feature[j] for j in idx], s.to(dtype)) for idx, s in got]
         return assemble(parts, len(xs))
+
+    with no_autocast(xs[0].device):
+        if not feature and metric in _SIMILARITIES:
+            got = _unscaled_cpu(xs + ys, name, lambda: scores(xs, ys))
+            if got is not None:
+                return got
+        scaled = _scaling.rescale_all(xs + ys)  # extreme magnitudes: see _scaling
+        return scores(scaled[: len(xs)], scaled[len(xs) :])
+
+
+def _unscaled_cpu(members: list[Tensor], backend: str, compute):
+    """The CPU fast path of the scale check (:mod:`._scaling`): when every member goes to the
+    fused Gram kernel, ``compute()`` runs on the unscaled members while the kernel reads their
+    min / max, and its result is returned when every scale factor is 1: then it is exactly what
+    the :func:`_scaling.rescale_all` path computes (that path leaves such tensors unchanged),
+    without that path's extra read of every member. Otherwise (extreme magnitudes, or a member
+    the kernel did not see) ``None``: the caller recomputes through ``rescale_all``."""
+    if backend != "reference" or torch.compiler.is_compiling() or not all(map(cpu_gram.available, members)):
+        return None
+    with cpu_gram.recording_ranges() as seen:
+        out = compute()
+    ranges = [seen.get(cpu_gram.key(m)) for m in members]
+    if any(r is None for r in ranges) or not _scaling.all_unscaled(ranges, torch.float32):
+        return None
+    return out
 
 
 def guidance_loss(
@@ -289,9 +313,13 @@ def cka_matrix(
         ys2 = xs2 if ys is None else _as_double(ys2)
     members = xs2 + ys2 if ys is not None else xs2
     _memory.check_grams(members, "cka_matrix", per_pair=6 if debiased else 3, pairs=len(members))
-    with no_autocast(xs2[0].device):
-        scaled = _scaling.rescale_all(xs2 + ys2)
-        grams = stacked_grams(scaled, resolve_backend(backend, xs2 + ys2))
-        units = metrics.unit_centered_grams(grams.to(dtype), debiased)
+    name = resolve_backend(backend, xs2 + ys2)
+
+    def matrix(members):
+        units = metrics.unit_centered_grams(stacked_grams(members, name).to(dtype), debiased)
         u, v = units[: len(xs2)], units[len(xs2) :]
         return u.flatten(1) @ v.flatten(1).T
+
+    with no_autocast(xs2[0].device):
+        got = _unscaled_cpu(xs2 + ys2, name, lambda: matrix(xs2 + ys2))
+        return got if got is not None else matrix(_scaling.rescale_all(xs2 + ys2))

@@ -13,13 +13,15 @@ off (the MKL path then runs).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import threading
 
 import torch
 from torch import Tensor
 
-__all__ = ["KC", "MAX_N", "available", "gram_"]
+__all__ = ["KC", "MAX_N", "available", "gram_", "recording_ranges", "key"]
 
 KC = 384  # columns per packed block: 24 KiB per 16-row group; 256..384 measured best (L1 48 KiB)
 MAX_N = 2048  # private Gram per extra thread: n² fp32 (16 MiB at the limit)
@@ -38,11 +40,12 @@ def _module():
         return None
     # a case with edge groups (n = 37), several column blocks (kc = 16) and two chunks
     x = torch.arange(37 * 70, dtype=torch.float32).reshape(37, 70).sin().add_(3.0)
-    got = torch.full((37, 37), float("nan"))
-    _cpu.gram_shifted_(x, got, 16, 2)
+    got, rng = torch.full((37, 37), float("nan")), torch.empty(2)
+    _cpu.gram_shifted_(x, got, 16, 2, rng)
     xd = x.double() - x[:1].double()
     want = xd @ xd.T
-    if not bool(((got.double() - want).abs() <= 1e-5 * want.abs().max()).all()):
+    ok = bool(((got.double() - want).abs() <= 1e-5 * want.abs().max()).all())
+    if not ok or not torch.equal(rng, torch.stack(torch.aminmax(x))):
         return None  # never use a kernel that disagrees with the reference
     return _cpu
 
@@ -59,8 +62,35 @@ def available(x: Tensor) -> bool:
     )
 
 
+_local = threading.local()
+_NO_RANGE = torch.empty(0)
+
+
+def key(x: Tensor) -> tuple:
+    """What identifies an activation across the op boundary (the op may see another Python
+    object for the same tensor): its storage address, shape and strides."""
+    return (x.data_ptr(), tuple(x.shape), tuple(x.stride()))
+
+
+@contextlib.contextmanager
+def recording_ranges():
+    """Within the block, every :func:`gram_` on this thread records ``{key(x): (min, max)}`` of its
+    input (read during the packing, at no extra pass) in the dict this yields."""
+    prev = getattr(_local, "ranges", None)
+    _local.ranges = seen = {}
+    try:
+        yield seen
+    finally:
+        _local.ranges = prev
+
+
 def gram_(out: Tensor, x: Tensor) -> Tensor:
     """``out`` (n, n, fp32, contiguous) <- the full symmetric ``x' x'ᵀ`` of ``x`` (n, p, fp32);
-    :func:`available` must hold."""
-    _module().gram_shifted_(x, out, KC, torch.get_num_threads())
+    :func:`available` must hold. Inside :func:`recording_ranges`, also records ``x``'s min and
+    max."""
+    seen = getattr(_local, "ranges", None)
+    rng = _NO_RANGE if seen is None else torch.empty(2)
+    _module().gram_shifted_(x, out, KC, torch.get_num_threads(), rng)
+    if seen is not None:
+        seen[key(x)] = rng
     return out

@@ -177,3 +177,62 @@ def test_feature_form_and_procrustes_keep_the_min_max_pass(monkeypatch):
     gk.guidance_loss([x], [y], form="feature")
     gk.guidance_loss([x], [y], metric="procrustes")
     assert seen == [] and functional._unscaled_cpu([x.double()], "reference", lambda: 1) is None
+
+
+def _check_backward(m: torch.Tensor, x: torch.Tensor, dx: torch.Tensor, kc: int, chunks: int) -> None:
+    dx.fill_(float("nan"))  # poison: every entry must be written
+    cpu_gram._module().gram_backward_shifted_(m, x, dx, kc, chunks)
+    xs = x.double() - x[:1].double()
+    assert_entrywise(dx, m.double() @ xs, abs_product(m, xs), k=x.shape[0],
+                     msg=f"n={x.shape[0]} p={x.shape[1]} kc={kc} chunks={chunks}")
+
+
+@needs_kernel
+@pytest.mark.parametrize("n", [1, 2, 11, 12, 13, 40, 300])
+@pytest.mark.parametrize("p", [1, 7, 33, 64, 65, 300])
+def test_backward_matches_fp64_on_offset_data(n, p):
+    """``dX = M x'`` over edge panels (n not a multiple of 12), two row slabs (n > 256), column
+    tails, several column blocks and thread chunks."""
+    g = torch.Generator().manual_seed(n * 1000 + p + 1)
+    x = (torch.randn(n, p, generator=g, dtype=F64) * 0.5 + 3e3).float()
+    m = torch.randn(n, n, generator=g)
+    for kc, chunks in ((512, 1), (32, 2), (7, 3)):
+        _check_backward(m, x, torch.empty(n, p), kc, chunks)
+
+
+@needs_kernel
+def test_backward_strided_input_and_output():
+    """x a column slice (unaligned start), dx a column slice of a wider tensor (row stride > p,
+    unaligned: no streaming stores), and a contiguous aligned dx (streaming stores)."""
+    g = torch.Generator().manual_seed(9)
+    big = torch.randn(40, 1000, generator=g) - 7.0
+    m = torch.randn(40, 40, generator=g)
+    out = torch.empty(40, 1003)
+    out[:, 0] = 5.0
+    _check_backward(m, big[:, 3:930], out[:, 1:928], 512, 2)
+    assert bool((out[:, 0] == 5.0).all())  # outside dx: untouched
+    from guidance_kernels.backends import cpu_pages
+
+    _check_backward(m, big[:, :512], cpu_pages.empty((40, 512), torch.float32), 128, 2)
+
+
+@needs_kernel
+def test_backward_bad_arguments_and_reference_use(monkeypatch):
+    k = cpu_gram._module()
+    with pytest.raises(RuntimeError, match=r"gram_backward_shifted_.*m must be .* shape \(4, 4\)"):
+        k.gram_backward_shifted_(torch.randn(5, 5), torch.randn(4, 6), torch.empty(4, 6), 512, 1)
+    with pytest.raises(RuntimeError, match="gram_backward_shifted_.*dx must be"):
+        k.gram_backward_shifted_(torch.randn(4, 4), torch.randn(4, 6), torch.empty(6, 4).T, 512, 1)
+    calls = []
+    real = cpu_gram.gram_backward_
+    monkeypatch.setattr(cpu_gram, "gram_backward_", lambda dx, m, x: calls.append(x.dtype) or real(dx, m, x))
+    g = torch.Generator().manual_seed(10)
+    x = torch.randn(24, 300, generator=g) + 5.0
+    m = torch.randn(24, 24, generator=g, dtype=F64)  # cast to fp32 by the backend
+    for dtype in (F32, F64, torch.bfloat16):
+        dx = reference.gram_backward([m], [x.to(dtype)])[0]
+        assert dx.dtype == dtype
+        xs = x.to(dtype).double() - x.to(dtype)[:1].double()
+        mm = m.to(F64 if dtype == F64 else F32).double()
+        assert_entrywise(dx, mm @ xs, abs_product(mm, xs), k=24, input_dtype=dtype, acc_dtype=F64 if dtype == F64 else F32)
+    assert calls == [F32]

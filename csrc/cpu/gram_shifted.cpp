@@ -156,6 +156,87 @@ GK_AVX512 void add_into(float* dst, const float* src, int64_t count) {
 }
 
 
+
+// ---- backward: dX = M X' (X' = x - 1 x0), the shift fused into the packing of X' -----------
+// M (n, n) is packed once into panels of MR rows, A[t][j][r] = M[MR t + r][j] (zero past n). A
+// block of kc columns of X' is packed, shifted, into panels of W = 16 NV columns, B[c / W][j][c % W]
+// (the row segments of x are read once, long and contiguous). A micro-tile of MR rows x W columns
+// of dX keeps MR x NV accumulators: per j, NV vector loads of the panel (a slab of kJ rows of it
+// stays in L1 while every panel of A passes) and MR broadcasts of A. Full aligned vectors of dX
+// are written with streaming stores when the tile is final (dX is written once: no read for
+// ownership). Threads split the columns of dX (no shared output, no reduction).
+constexpr int64_t kJ = 256;
+
+template <int MR>
+void pack_m(const float* M, int64_t n, float* A) {
+  const int64_t panels = (n + MR - 1) / MR;
+  for (int64_t t = 0; t < panels; ++t)
+    for (int64_t j = 0; j < n; ++j)
+      for (int r = 0; r < MR; ++r) {
+        const int64_t i = MR * t + r;
+        A[(t * n + j) * MR + r] = i < n ? M[i * n + j] : 0.0f;
+      }
+}
+
+// B <- columns k0 .. k0 + w of x - 1 x0 in panels of W columns, zero past w up to a multiple of W
+GK_AVX512 void pack_cols_shifted(const float* x, int64_t ldx, int64_t n, int64_t k0, int64_t w, float* B, int64_t W) {
+  const int64_t wp = (w + W - 1) / W * W;
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t c = 0; c < wp; c += 16) {
+      const __mmask16 m = c < w ? head_mask(w - c) : static_cast<__mmask16>(0);
+      const __m512 v = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + j * ldx + k0 + c), _mm512_maskz_loadu_ps(m, x + k0 + c));
+      _mm512_storeu_ps(B + (c / W) * n * W + j * W + c % W, v);
+    }
+}
+
+// out[r][c] (=|+=) sum_j A[j][r] B[j][c] for r < rows, c < cols (<= 16 NV); `last`: no later slab adds
+template <int MR, int NV>
+GK_AVX512 void bwd_tile(const float* A, const float* B, int64_t W, int64_t nj, float* out, int64_t ldo, int64_t rows,
+                        int64_t cols, bool first, bool last) {
+  __m512 acc[MR][NV];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < nj; ++j) {
+    __m512 b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = _mm512_loadu_ps(B + j * W + 16 * v);
+    const float* aj = A + j * MR;
+    for (int r = 0; r < MR; ++r) {
+      const __m512 a = _mm512_set1_ps(aj[r]);
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(a, b[v], acc[r][v]);
+    }
+  }
+  for (int r = 0; r < rows; ++r)
+    for (int v = 0; v < NV && 16 * v < cols; ++v) {
+      float* o = out + r * ldo + 16 * v;
+      if (first && last && cols - 16 * v >= 16 && (reinterpret_cast<uintptr_t>(o) & 63) == 0) {
+        _mm512_stream_ps(o, acc[r][v]);
+        continue;
+      }
+      const __mmask16 m = head_mask(cols - 16 * v);
+      _mm512_mask_storeu_ps(o, m, first ? acc[r][v] : _mm512_add_ps(acc[r][v], _mm512_maskz_loadu_ps(m, o)));
+    }
+}
+
+// dX[:, c0:c1] for one thread
+template <int MR, int NV>
+GK_AVX512 void backward_columns(const float* A, const float* x, int64_t ldx, int64_t n, int64_t c0, int64_t c1,
+                                int64_t kc, float* dx, int64_t ldd) {
+  constexpr int64_t W = 16 * NV;
+  const int64_t panels = (n + MR - 1) / MR, kcw = (kc + W - 1) / W * W;
+  std::vector<float> B(static_cast<size_t>(n * kcw));
+  for (int64_t k0 = c0; k0 < c1; k0 += kcw) {
+    const int64_t w = std::min(kcw, c1 - k0);
+    pack_cols_shifted(x, ldx, n, k0, w, B.data(), W);
+    for (int64_t c = 0; c < w; c += W)
+      for (int64_t j0 = 0; j0 < n; j0 += kJ)
+        for (int64_t t = 0; t < panels; ++t)
+          bwd_tile<MR, NV>(A + (t * n + j0) * MR, B.data() + (c / W) * n * W + j0 * W, W, std::min(kJ, n - j0),
+                           dx + MR * t * ldd + k0 + c, ldd, std::min<int64_t>(MR, n - MR * t), std::min(W, w - c),
+                           j0 == 0, j0 + kJ >= n);
+  }
+  _mm_sfence();  // the streaming stores are visible before the thread returns
+}
+
 #endif  // GK_X86
 
 bool supported() {
@@ -221,6 +302,40 @@ void gram_shifted_(const Tensor& x, const Tensor& out, int64_t kc, int64_t chunk
 }
 
 
+
+// dx (n, p) fp32, unit column stride <- m (n, n) (x - 1 x[0]) for x (n, p) fp32 with unit column
+// stride; columns in blocks of kc, split over at most `chunks` threads.
+void gram_backward_shifted_(const Tensor& m, const Tensor& x, const Tensor& dx, int64_t kc, int64_t chunks) {
+#define GK_BCHECK(cond, ...) TORCH_CHECK(cond, "guidance_kernels._cpu.gram_backward_shifted_: ", __VA_ARGS__)
+  GK_BCHECK(supported(), "this CPU (or build) has no AVX-512");
+  GK_BCHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu(), "x must be a 2-D float32 CPU tensor");
+  GK_BCHECK(x.stride(1) == 1 || x.size(1) <= 1, "x must have unit column stride, got strides ", x.strides());
+  const int64_t n = x.size(0), p = x.size(1);
+  GK_BCHECK(m.scalar_type() == at::kFloat && m.is_contiguous() && m.dim() == 2 && m.size(0) == n && m.size(1) == n &&
+                m.device().is_cpu(),
+            "m must be a contiguous float32 CPU tensor of shape (", n, ", ", n, ")");
+  GK_BCHECK(dx.scalar_type() == at::kFloat && dx.dim() == 2 && dx.size(0) == n && dx.size(1) == p &&
+                (dx.stride(1) == 1 || p <= 1) && dx.device().is_cpu(),
+            "dx must be a float32 CPU tensor of shape (", n, ", ", p, ") with unit column stride");
+  GK_BCHECK(kc >= 1 && chunks >= 1, "kc and chunks must be positive");
+#undef GK_BCHECK
+  if (n == 0 || p == 0) return;
+#if GK_X86
+  constexpr int MR = 12, NV = 2;
+  std::vector<float> A(static_cast<size_t>((n + MR - 1) / MR * MR * n));
+  pack_m<MR>(m.data_ptr<float>(), n, A.data());
+  const float* xp = x.data_ptr<float>();
+  float* dp = dx.data_ptr<float>();
+  chunks = std::max<int64_t>(1, std::min<int64_t>(chunks, (p + 63) / 64));
+  const int64_t step = ((p + chunks - 1) / chunks + 63) / 64 * 64;
+  at::parallel_for(0, chunks, 1, [&](int64_t a, int64_t b) {
+    for (int64_t c = a; c < b; ++c)
+      if (c * step < p)
+        backward_columns<MR, NV>(A.data(), xp, x.stride(0), n, c * step, std::min(p, (c + 1) * step), kc, dp, dx.stride(0));
+  });
+#endif
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_cpu, m) {
@@ -229,4 +344,6 @@ PYBIND11_MODULE(_cpu, m) {
   m.def("gram_shifted_", &gram_shifted_, pybind11::arg("x"), pybind11::arg("out"), pybind11::arg("kc"),
         pybind11::arg("chunks"), pybind11::arg("range"),
         "out (n, n) <- (x - 1 x[0])(x - 1 x[0])ᵀ, fp32; range (2 or empty) <- {min, max} of x");
+  m.def("gram_backward_shifted_", &gram_backward_shifted_, pybind11::arg("m"), pybind11::arg("x"),
+        pybind11::arg("dx"), pybind11::arg("kc"), pybind11::arg("chunks"), "dx (n, p) <- m (x - 1 x[0]), fp32");
 }

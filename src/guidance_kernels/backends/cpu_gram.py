@@ -1,9 +1,9 @@
-"""The row-shifted Gram ``x' x'ᵀ`` (``x' = x - 1 x[0]``) of an fp32 CPU activation through the
-AVX-512 kernel of ``guidance_kernels._cpu`` (``csrc/cpu/gram_shifted.cpp``): the shift is fused
-into the packing of the product, only one triangle of 16x16 tiles is computed, and threads split
-the columns. It replaces "shift a column block into a buffer, then MKL ``?syrk``"
-(:mod:`.reference`), which reads every activation twice. (The backward ``dX = M x'`` stays on
-MKL: a fused AVX-512 version was measured no faster in the loss, 2026-12-03.)
+"""The row-shifted Gram ``x' x'ᵀ`` (``x' = x - 1 x[0]``) of an fp32 CPU activation and its backward
+``dX = M x'`` through the AVX-512 kernels of ``guidance_kernels._cpu``
+(``csrc/cpu/gram_shifted.cpp``): the shift is fused into the packing of each product, the Gram
+computes one triangle of 16x16 tiles, the backward writes ``dX`` with streaming stores, and
+threads split the columns. They replace "shift a column block into a buffer, then MKL ``?syrk``
+/ GEMM" (:mod:`.reference`), which reads every activation twice.
 
 Used when the extension is built, the CPU has AVX-512, the kernel matched a float64 Gram on a
 small case at first use, and the input is fp32 with unit column stride and ``n <= MAX_N`` (each
@@ -21,9 +21,10 @@ import threading
 import torch
 from torch import Tensor
 
-__all__ = ["KC", "MAX_N", "available", "gram_", "recording_ranges", "key"]
+__all__ = ["KC", "KC_BWD", "MAX_N", "available", "gram_", "gram_backward_", "recording_ranges", "key"]
 
 KC = 384  # columns per packed block: 24 KiB per 16-row group; 256..384 measured best (L1 48 KiB)
+KC_BWD = 512  # columns of x' packed per pass of the backward (512 KiB at n = 256: L2)
 MAX_N = 2048  # private Gram per extra thread: n² fp32 (16 MiB at the limit)
 
 
@@ -44,7 +45,11 @@ def _module():
     _cpu.gram_shifted_(x, got, 16, 2, rng)
     xd = x.double() - x[:1].double()
     want = xd @ xd.T
-    ok = bool(((got.double() - want).abs() <= 1e-5 * want.abs().max()).all())
+    m = torch.arange(37 * 37, dtype=torch.float32).reshape(37, 37).cos()
+    dx = torch.full((37, 70), float("nan"))
+    _cpu.gram_backward_shifted_(m, x, dx, 32, 2)
+    dwant = m.double() @ xd
+    ok = all(bool(((a.double() - b).abs() <= 1e-5 * b.abs().max()).all()) for a, b in ((got, want), (dx, dwant)))
     if not ok or not torch.equal(rng, torch.stack(torch.aminmax(x))):
         return None  # never use a kernel that disagrees with the reference
     return _cpu
@@ -82,6 +87,13 @@ def recording_ranges():
         yield seen
     finally:
         _local.ranges = prev
+
+
+def gram_backward_(dx: Tensor, m: Tensor, x: Tensor) -> Tensor:
+    """``dx`` (n, p, fp32, unit column stride) <- ``m x'`` for ``m`` (n, n, fp32, contiguous) and
+    ``x`` (n, p, fp32); :func:`available` must hold for ``x``."""
+    _module().gram_backward_shifted_(m, x, dx, KC_BWD, torch.get_num_threads())
+    return dx
 
 
 def gram_(out: Tensor, x: Tensor) -> Tensor:

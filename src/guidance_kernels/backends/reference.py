@@ -3,8 +3,8 @@
 Exact math on the row-shifted activation ``x' = x - 1 x[0]`` (see the contract in
 :mod:`guidance_kernels.backends`), with fp32 accumulation for fp16/bf16 inputs. Activations are
 processed one column (or row) block at a time: the shift and the upcast go into one reused,
-cache-sized buffer per call, never a copy of a whole activation. On CPU, fp32 Grams use the
-AVX-512 kernel of :mod:`.cpu_gram` (shift fused into the product, one triangle) when it is built,
+cache-sized buffer per call, never a copy of a whole activation. On CPU, fp32 Grams and their
+backward use the AVX-512 kernels of :mod:`.cpu_gram` (shift fused into the product) when built,
 else the symmetric rank-k update of :mod:`.cpu_syrk` (half the multiply-adds) when MKL provides
 it, else GEMMs; every product writes straight into its slice of the result (a stacked ``(L, n, n)``
 table, or ``dX``'s columns, whose pages are advised huge: :mod:`.cpu_pages`).
@@ -100,6 +100,9 @@ def gram_backward(ms: list[Tensor], xs: list[Tensor]) -> list[Tensor]:
         n, p = x.shape
         dx = _empty((n, p), x.dtype, x.device)
         m = m.to(acc)
+        if cpu_gram.available(x):  # the shift fused into the product
+            out.append(cpu_gram.gram_backward_(dx, m.contiguous(), x))
+            continue
         blocks = _blocks(p, n, _BWD_BLOCK_ELEMS, _BWD_MIN_COLS)
         buf = _buffer(n, [blocks], acc, x.device)
         for s, e in blocks:

@@ -103,6 +103,22 @@ def test_reference_backend_uses_it_for_fp32_only(monkeypatch):
     assert calls == []
 
 
+@needs_kernel
+def test_many_threads_and_large_n_leave_the_gram_to_mkl(monkeypatch):
+    """The extra threads' private Grams must fit in PRIVATE_BYTES, else MKL computes the Gram
+    (the backward, which has no private output, still uses its kernel)."""
+    x = torch.randn(24, 300) + 5.0
+    assert cpu_gram.gram_available(x)
+    monkeypatch.setattr(cpu_gram, "PRIVATE_BYTES", 4 * 24 * 24 * max(torch.get_num_threads() - 1, 0) - 1)
+    assert cpu_gram.available(x) and not cpu_gram.gram_available(x)
+    calls = []
+    monkeypatch.setattr(cpu_gram, "gram_", lambda out, x: calls.append(1))
+    k = reference.gram([x])[0]
+    xs = x.double() - x[:1].double()
+    assert calls == []
+    assert_entrywise(k, xs @ xs.T, abs_product(xs, xs.T), k=300)
+
+
 def test_env_switch_disables_the_kernel():
     code = "import torch; from guidance_kernels.backends import cpu_gram; print(cpu_gram.available(torch.ones(4, 4)))"
     env = {**__import__("os").environ, "GK_NO_CPU_KERNEL": "1"}

@@ -50,7 +50,7 @@ def _offset_inputs(dtype):
 @pytest.mark.parametrize("sym", [True, False])
 def test_reference_gram_exact_on_offset_data(dtype, sym, monkeypatch):
     """The MKL paths (the fused AVX-512 kernel is switched off here: tests/test_cpu_gram.py)."""
-    monkeypatch.setattr(reference.cpu_gram, "available", lambda x: False)
+    monkeypatch.setattr(reference.cpu_gram, "gram_available", lambda x: False)
     if not sym:
         monkeypatch.setattr(cpu_syrk, "available", lambda dtype: False)
     monkeypatch.setattr(reference, "_SYRK_BLOCK_ELEMS", 24 * 256)  # several blocks

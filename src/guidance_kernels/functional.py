@@ -223,7 +223,7 @@ def _unscaled_cpu(members: list[Tensor], backend: str, compute):
     the :func:`_scaling.rescale_all` path computes (that path leaves such tensors unchanged),
     without that path's extra read of every member. Otherwise (extreme magnitudes, or a member
     the kernel did not see) ``None``: the caller recomputes through ``rescale_all``."""
-    if backend != "reference" or torch.compiler.is_compiling() or not all(map(cpu_gram.available, members)):
+    if backend != "reference" or torch.compiler.is_compiling() or not all(map(cpu_gram.gram_available, members)):
         return None
     with cpu_gram.recording_ranges() as seen:
         out = compute()

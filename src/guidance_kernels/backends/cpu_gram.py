@@ -5,10 +5,10 @@ computes one triangle of 16x16 tiles, the backward writes ``dX`` with streaming 
 threads split the columns. They replace "shift a column block into a buffer, then MKL ``?syrk``
 / GEMM" (:mod:`.reference`), which reads every activation twice.
 
-Used when the extension is built, the CPU has AVX-512, the kernel matched a float64 Gram on a
-small case at first use, and the input is fp32 with unit column stride and ``n <= MAX_N`` (each
-extra thread keeps a private ``n x n`` Gram). ``GK_NO_CPU_KERNEL=1`` in the environment turns it
-off (the MKL path then runs).
+Used when the extension is built, the CPU has AVX-512, the kernels matched float64 on a small
+case at first use, and the input is fp32 with unit column stride and ``n <= MAX_N``; the Gram
+also needs its extra threads' private ``n x n`` Grams to fit in ``PRIVATE_BYTES``.
+``GK_NO_CPU_KERNEL=1`` in the environment turns both off (the MKL path then runs).
 """
 
 from __future__ import annotations
@@ -21,11 +21,13 @@ import threading
 import torch
 from torch import Tensor
 
-__all__ = ["KC", "KC_BWD", "MAX_N", "available", "gram_", "gram_backward_", "recording_ranges", "key"]
+__all__ = ["KC", "KC_BWD", "MAX_N", "PRIVATE_BYTES", "available", "gram_available", "gram_", "gram_backward_",
+           "recording_ranges", "key"]
 
 KC = 384  # columns per packed block: 24 KiB per 16-row group; 256..384 measured best (L1 48 KiB)
 KC_BWD = 512  # columns of x' packed per pass of the backward (512 KiB at n = 256: L2)
-MAX_N = 2048  # private Gram per extra thread: n² fp32 (16 MiB at the limit)
+MAX_N = 2048  # largest n of both kernels
+PRIVATE_BYTES = 64 << 20  # the Gram's private n² fp32 per extra thread, all threads together
 
 
 @functools.lru_cache(maxsize=None)
@@ -56,7 +58,7 @@ def _module():
 
 
 def available(x: Tensor) -> bool:
-    """Whether :func:`gram_` runs for ``x`` (n, p)."""
+    """Whether :func:`gram_backward_` runs for ``x`` (n, p)."""
     return (
         x.device.type == "cpu"
         and x.dtype == torch.float32
@@ -65,6 +67,14 @@ def available(x: Tensor) -> bool:
         and (x.stride(1) == 1 or x.shape[1] <= 1)
         and _module() is not None
     )
+
+
+def gram_available(x: Tensor) -> bool:
+    """Whether :func:`gram_` runs for ``x``: :func:`available`, and the extra threads' private
+    ``n x n`` Grams fit in ``PRIVATE_BYTES`` (with many threads and a large ``n``, MKL's
+    ``?syrk``, which shares one output, is the better choice)."""
+    n = x.shape[0] if x.dim() == 2 else 0
+    return available(x) and 4 * n * n * (torch.get_num_threads() - 1) <= PRIVATE_BYTES
 
 
 _local = threading.local()
@@ -98,7 +108,7 @@ def gram_backward_(dx: Tensor, m: Tensor, x: Tensor) -> Tensor:
 
 def gram_(out: Tensor, x: Tensor) -> Tensor:
     """``out`` (n, n, fp32, contiguous) <- the full symmetric ``x' x'ᵀ`` of ``x`` (n, p, fp32);
-    :func:`available` must hold. Inside :func:`recording_ranges`, also records ``x``'s min and
+    :func:`gram_available` must hold. Inside :func:`recording_ranges`, also records ``x``'s min and
     max."""
     seen = getattr(_local, "ranges", None)
     rng = _NO_RANGE if seen is None else torch.empty(2)

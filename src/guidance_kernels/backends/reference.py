@@ -81,7 +81,7 @@ def gram(xs: list[Tensor]):
     n = x0.shape[0]
     sym = symmetric_cpu(x0, acc)
     elems = _SYRK_BLOCK_ELEMS if sym else _BLOCK_ELEMS
-    fused = [cpu_gram.available(x) for x in xs]  # shift fused into the product, full matrix out
+    fused = [cpu_gram.gram_available(x) for x in xs]  # shift fused into the product, full matrix out
     plans = [[] if f else _blocks(x.shape[1], n, elems) for x, f in zip(xs, fused)]
     buf = _buffer(n, plans, acc, x0.device)
     out = torch.empty((len(xs), n, n), dtype=acc, device=x0.device)

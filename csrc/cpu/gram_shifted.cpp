@@ -248,22 +248,28 @@ bool supported() {
 #endif
 }
 
-#define GK_CHECK(cond, ...) TORCH_CHECK(cond, "guidance_kernels._cpu.gram_shifted_: ", __VA_ARGS__)
+#define GK_CHECK(fn, cond, ...) TORCH_CHECK(cond, "guidance_kernels._cpu.", fn, ": ", __VA_ARGS__)
+
+// the checks both entry points share: the CPU, x (n, p) and the blocking arguments
+void check_common(const char* fn, const Tensor& x, int64_t kc, int64_t chunks) {
+  GK_CHECK(fn, supported(), "this CPU (or build) has no AVX-512");
+  GK_CHECK(fn, x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu(), "x must be a 2-D float32 CPU tensor");
+  GK_CHECK(fn, x.stride(1) == 1 || x.size(1) <= 1, "x must have unit column stride, got strides ", x.strides());
+  GK_CHECK(fn, kc >= 1 && chunks >= 1, "kc and chunks must be positive");
+}
 
 // out (n, n) fp32 contiguous <- (x - 1 x[0])(x - 1 x[0])ᵀ for x (n, p) fp32 with unit column
 // stride; columns in blocks of kc, split over at most `chunks` threads (each a private Gram).
 // range: an empty tensor, or 2 fp32 that receive {min, max} of x (+-inf for an empty x; where x
 // holds NaN they are unspecified: the caller's decision must not depend on them then).
 void gram_shifted_(const Tensor& x, const Tensor& out, int64_t kc, int64_t chunks, const Tensor& range) {
-  GK_CHECK(supported(), "this CPU (or build) has no AVX-512");
-  GK_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu(), "x must be a 2-D float32 CPU tensor");
-  GK_CHECK(x.stride(1) == 1 || x.size(1) <= 1, "x must have unit column stride, got strides ", x.strides());
+  constexpr const char* fn = "gram_shifted_";
+  check_common(fn, x, kc, chunks);
   const int64_t n = x.size(0), p = x.size(1);
-  GK_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.dim() == 2 && out.size(0) == n &&
+  GK_CHECK(fn, out.scalar_type() == at::kFloat && out.is_contiguous() && out.dim() == 2 && out.size(0) == n &&
                out.size(1) == n && out.device().is_cpu(),
            "out must be a contiguous float32 CPU tensor of shape (", n, ", ", n, ")");
-  GK_CHECK(kc >= 1 && chunks >= 1, "kc and chunks must be positive");
-  GK_CHECK(range.numel() == 0 || (range.numel() == 2 && range.scalar_type() == at::kFloat && range.is_contiguous() &&
+  GK_CHECK(fn, range.numel() == 0 || (range.numel() == 2 && range.scalar_type() == at::kFloat && range.is_contiguous() &&
                                   range.device().is_cpu()),
            "range must be empty or 2 contiguous float32 CPU values");
   float lohi[2] = {INFINITY, -INFINITY};
@@ -301,24 +307,18 @@ void gram_shifted_(const Tensor& x, const Tensor& out, int64_t kc, int64_t chunk
 #endif
 }
 
-
-
 // dx (n, p) fp32, unit column stride <- m (n, n) (x - 1 x[0]) for x (n, p) fp32 with unit column
 // stride; columns in blocks of kc, split over at most `chunks` threads.
 void gram_backward_shifted_(const Tensor& m, const Tensor& x, const Tensor& dx, int64_t kc, int64_t chunks) {
-#define GK_BCHECK(cond, ...) TORCH_CHECK(cond, "guidance_kernels._cpu.gram_backward_shifted_: ", __VA_ARGS__)
-  GK_BCHECK(supported(), "this CPU (or build) has no AVX-512");
-  GK_BCHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu(), "x must be a 2-D float32 CPU tensor");
-  GK_BCHECK(x.stride(1) == 1 || x.size(1) <= 1, "x must have unit column stride, got strides ", x.strides());
+  constexpr const char* fn = "gram_backward_shifted_";
+  check_common(fn, x, kc, chunks);
   const int64_t n = x.size(0), p = x.size(1);
-  GK_BCHECK(m.scalar_type() == at::kFloat && m.is_contiguous() && m.dim() == 2 && m.size(0) == n && m.size(1) == n &&
+  GK_CHECK(fn, m.scalar_type() == at::kFloat && m.is_contiguous() && m.dim() == 2 && m.size(0) == n && m.size(1) == n &&
                 m.device().is_cpu(),
             "m must be a contiguous float32 CPU tensor of shape (", n, ", ", n, ")");
-  GK_BCHECK(dx.scalar_type() == at::kFloat && dx.dim() == 2 && dx.size(0) == n && dx.size(1) == p &&
+  GK_CHECK(fn, dx.scalar_type() == at::kFloat && dx.dim() == 2 && dx.size(0) == n && dx.size(1) == p &&
                 (dx.stride(1) == 1 || p <= 1) && dx.device().is_cpu(),
             "dx must be a float32 CPU tensor of shape (", n, ", ", p, ") with unit column stride");
-  GK_BCHECK(kc >= 1 && chunks >= 1, "kc and chunks must be positive");
-#undef GK_BCHECK
   if (n == 0 || p == 0) return;
 #if GK_X86
   constexpr int MR = 12, NV = 2;
@@ -339,7 +339,7 @@ void gram_backward_shifted_(const Tensor& m, const Tensor& x, const Tensor& dx, 
 }  // namespace
 
 PYBIND11_MODULE(_cpu, m) {
-  m.doc() = "guidance_kernels CPU kernels (AVX-512): the row-shifted Gram with the shift fused into packing";
+  m.doc() = "guidance_kernels CPU kernels (AVX-512): the row-shifted Gram and its backward, the shift fused into packing";
   m.def("supported", &supported, "whether this CPU and build run the AVX-512 kernels");
   m.def("gram_shifted_", &gram_shifted_, pybind11::arg("x"), pybind11::arg("out"), pybind11::arg("kc"),
         pybind11::arg("chunks"), pybind11::arg("range"),

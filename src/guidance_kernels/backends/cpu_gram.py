@@ -73,8 +73,7 @@ def gram_available(x: Tensor) -> bool:
     """Whether :func:`gram_` runs for ``x``: :func:`available`, and the extra threads' private
     ``n x n`` Grams fit in ``PRIVATE_BYTES`` (with many threads and a large ``n``, MKL's
     ``?syrk``, which shares one output, is the better choice)."""
-    n = x.shape[0] if x.dim() == 2 else 0
-    return available(x) and 4 * n * n * (torch.get_num_threads() - 1) <= PRIVATE_BYTES
+    return available(x) and 4 * x.shape[0] ** 2 * (torch.get_num_threads() - 1) <= PRIVATE_BYTES
 
 
 _local = threading.local()

@@ -44,7 +44,7 @@ SOURCES = [
     "csrc/cross_bwd.cu",
 ]
 CPU_EXT_NAME = "guidance_kernels._cpu"
-CPU_SOURCES = ["csrc/cpu/gram_shifted.cpp"]
+CPU_SOURCES = ["csrc/cpu/module.cpp", "csrc/cpu/gram_shifted.cpp", "csrc/cpu/pool.cpp"]
 DEFAULT_ARCHS = "80+PTX;90a"
 
 
@@ -176,7 +176,7 @@ def _cuda_extension():
 
 
 def _cpu_extension():
-    """The CPU extension ``guidance_kernels._cpu`` (one C++ file, built whenever torch imports at
+    """The CPU extension ``guidance_kernels._cpu`` (C++ files in ``csrc/cpu``, built whenever torch imports at
     build time; its AVX-512 code is chosen at run time, so it builds on any CPU)."""
     if _flag("GUIDANCE_KERNELS_SKIP_CPU_BUILD"):
         _log("GUIDANCE_KERNELS_SKIP_CPU_BUILD set: installing without the CPU extension")

@@ -204,16 +204,25 @@ def _check_backward(m: torch.Tensor, x: torch.Tensor, dx: torch.Tensor, kc: int,
 
 
 @needs_kernel
-@pytest.mark.parametrize("n", [1, 2, 11, 12, 13, 40, 300])
-@pytest.mark.parametrize("p", [1, 7, 33, 64, 65, 300])
+@pytest.mark.parametrize("n", [1, 2, 7, 8, 9, 40, 300])
+@pytest.mark.parametrize("p", [1, 7, 33, 47, 48, 49, 300])
 def test_backward_matches_fp64_on_offset_data(n, p):
-    """``dX = M x'`` over edge panels (n not a multiple of 12), two row slabs (n > 256), column
-    tails, several column blocks and thread chunks."""
+    """``dX = M x'`` over edge panels (n not a multiple of 8), column tails (p not a multiple of
+    48), several column blocks and thread chunks."""
     g = torch.Generator().manual_seed(n * 1000 + p + 1)
     x = (torch.randn(n, p, generator=g, dtype=F64) * 0.5 + 3e3).float()
     m = torch.randn(n, n, generator=g)
     for kc, chunks in ((512, 1), (32, 2), (7, 3)):
         _check_backward(m, x, torch.empty(n, p), kc, chunks)
+
+
+@needs_kernel
+def test_backward_two_row_slabs():
+    """n above the kernel's slab (2048 rows of x' per pass): the second slab adds into dX."""
+    g = torch.Generator().manual_seed(21)
+    x = (torch.randn(2100, 50, generator=g, dtype=F64) * 0.5 - 40.0).float()
+    m = torch.randn(2100, 2100, generator=g)
+    _check_backward(m, x, torch.empty(2100, 50), 512, 2)
 
 
 @needs_kernel

@@ -99,24 +99,6 @@ def test_reference_cross_and_backward_exact_on_offset_data(dtype, sym, monkeypat
     assert_entrywise(dx, want, scale, k=19, acc_dtype=acc, input_dtype=dtype)
 
 
-def test_huge_page_buffers_are_plain_tensors_and_switch_off():
-    """``cpu_pages.empty``: a contiguous CPU tensor of the shape and dtype asked for, whatever the
-    advice did (on Linux with THP in ``madvise`` mode it is advised huge); the environment switch
-    turns the advice off."""
-    from guidance_kernels.backends import cpu_pages
-
-    t = cpu_pages.empty((512, 4096), torch.float32)  # 8 MiB: above MIN_BYTES
-    assert t.shape == (512, 4096) and t.dtype == F32 and t.is_contiguous() and t.device.type == "cpu"
-    t.fill_(3.0)
-    assert float(t.sum()) == 3.0 * t.numel()
-    small = cpu_pages.empty((3,), F64)
-    assert small.shape == (3,) and small.dtype == F64
-    code = "from guidance_kernels.backends import cpu_pages; print(cpu_pages._madvise() is None)"
-    env = {**__import__("os").environ, "GK_NO_HUGEPAGES": "1"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
-    assert out.stdout.strip() == "True"
-
-
 def test_in_place_centring_is_bit_for_bit_the_out_of_place_one():
     from guidance_kernels.metrics import center_gram, center_gram_
 

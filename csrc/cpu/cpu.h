@@ -1,0 +1,21 @@
+// guidance_kernels._cpu: declarations shared by the CPU extension's files (module.cpp binds them).
+#pragma once
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace gk_cpu {
+
+// gram_shifted.cpp: the row-shifted Gram and its backward (AVX-512)
+bool supported();
+void gram_shifted_(const at::Tensor& x, const at::Tensor& out, int64_t kc, int64_t chunks, const at::Tensor& range);
+void gram_backward_shifted_(const at::Tensor& m, const at::Tensor& x, const at::Tensor& dx, int64_t kc, int64_t chunks);
+
+// pool.cpp: large CPU tensors whose pages are kept for reuse
+at::Tensor pooled_empty(const std::vector<int64_t>& sizes, at::ScalarType dtype);
+void pool_set_limit(int64_t bytes);
+void pool_trim();
+std::vector<int64_t> pool_stats();  // {cached bytes, cached blocks, limit, hits, misses}
+
+}  // namespace gk_cpu

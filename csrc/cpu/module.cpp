@@ -1,0 +1,21 @@
+// guidance_kernels._cpu: the Python bindings of the CPU extension (kernels: gram_shifted.cpp; the
+// block cache: pool.cpp).
+#include <torch/csrc/utils/pybind.h>
+
+#include "cpu.h"
+
+PYBIND11_MODULE(_cpu, m) {
+  using namespace gk_cpu;
+  namespace py = pybind11;
+  m.doc() = "guidance_kernels CPU extension: AVX-512 row-shifted Gram and backward, and a cache of large CPU blocks";
+  m.def("supported", &supported, "whether this CPU and build run the AVX-512 kernels");
+  m.def("gram_shifted_", &gram_shifted_, py::arg("x"), py::arg("out"), py::arg("kc"), py::arg("chunks"),
+        py::arg("range"), "out (n, n) <- (x - 1 x[0])(x - 1 x[0])ᵀ, fp32; range (2 or empty) <- {min, max} of x");
+  m.def("gram_backward_shifted_", &gram_backward_shifted_, py::arg("m"), py::arg("x"), py::arg("dx"), py::arg("kc"),
+        py::arg("chunks"), "dx (n, p) <- m (x - 1 x[0]), fp32");
+  m.def("pooled_empty", &pooled_empty, py::arg("sizes"), py::arg("dtype"),
+        "an uninitialised contiguous CPU tensor whose 2 MiB-aligned block returns to the cache when it dies");
+  m.def("pool_set_limit", &pool_set_limit, py::arg("bytes"), "most bytes the cache keeps (0: none); trims at once");
+  m.def("pool_trim", &pool_trim, "free every cached block");
+  m.def("pool_stats", &pool_stats, "[cached bytes, cached blocks, limit, hits, misses]");
+}

@@ -44,7 +44,7 @@ SOURCES = [
     "csrc/cross_bwd.cu",
 ]
 CPU_EXT_NAME = "guidance_kernels._cpu"
-CPU_SOURCES = ["csrc/cpu/module.cpp", "csrc/cpu/gram_shifted.cpp", "csrc/cpu/pool.cpp"]
+CPU_SOURCES = ["csrc/cpu/module.cpp", "csrc/cpu/gram_shifted.cpp", "csrc/cpu/gram_stats.cpp", "csrc/cpu/pool.cpp"]
 DEFAULT_ARCHS = "80+PTX;90a"
 
 
@@ -188,7 +188,7 @@ def _cpu_extension():
             raise SystemExit(f"GUIDANCE_KERNELS_FORCE_BUILD is set but torch is not importable: {e}")
         _log(f"not building the CPU extension: torch is not importable at build time ({e})")
         return [], {}
-    ext = CppExtension(name=CPU_EXT_NAME, sources=CPU_SOURCES, extra_compile_args={"cxx": ["-O3", "-g0", "-fopenmp"]}, extra_link_args=["-fopenmp"])
+    ext = CppExtension(name=CPU_EXT_NAME, sources=CPU_SOURCES, extra_compile_args={"cxx": ["-O3", "-g0", "-fopenmp", "-ffp-contract=off"]}, extra_link_args=["-fopenmp"])
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 

@@ -12,6 +12,11 @@ bool supported();
 void gram_shifted_(const at::Tensor& x, const at::Tensor& out, int64_t kc, int64_t chunks, const at::Tensor& range);
 void gram_backward_shifted_(const at::Tensor& m, const at::Tensor& x, const at::Tensor& dx, int64_t kc, int64_t chunks);
 
+// gram_stats.cpp: CKA statistics of stacked fp32 centered Grams (P, n, n) -> (P, 5) fp64, and backward
+void gram_stats_(const at::Tensor& k, const at::Tensor& l, const at::Tensor& out);
+void gram_stats_backward_(const at::Tensor& g, const at::Tensor& k, const at::Tensor& l, const at::Tensor& dk,
+                          const at::Tensor& dl);
+
 // pool.cpp: large CPU tensors whose pages are kept for reuse
 at::Tensor pooled_empty(const std::vector<int64_t>& sizes, at::ScalarType dtype);
 void pool_set_limit(int64_t bytes);

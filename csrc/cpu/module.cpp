@@ -1,5 +1,5 @@
-// guidance_kernels._cpu: the Python bindings of the CPU extension (kernels: gram_shifted.cpp; the
-// block cache: pool.cpp).
+// guidance_kernels._cpu: the Python bindings of the CPU extension (kernels: gram_shifted.cpp,
+// gram_stats.cpp; the block cache: pool.cpp).
 #include <torch/csrc/utils/pybind.h>
 
 #include "cpu.h"
@@ -13,6 +13,10 @@ PYBIND11_MODULE(_cpu, m) {
         py::arg("range"), "out (n, n) <- (x - 1 x[0])(x - 1 x[0])ᵀ, fp32; range (2 or empty) <- {min, max} of x");
   m.def("gram_backward_shifted_", &gram_backward_shifted_, py::arg("m"), py::arg("x"), py::arg("dx"), py::arg("kc"),
         py::arg("chunks"), "dx (n, p) <- m (x - 1 x[0]), fp32");
+  m.def("gram_stats_", &gram_stats_, py::arg("k"), py::arg("l"), py::arg("out"),
+        "out (P, 5) fp64 <- (sum K*L, sum K*K, sum L*L, tr K, tr L) of fp32 k, l (P, n, n)");
+  m.def("gram_stats_backward_", &gram_stats_backward_, py::arg("g"), py::arg("k"), py::arg("l"), py::arg("dk"),
+        py::arg("dl"), "dk, dl (P, n, n) fp32 (empty: skipped) <- the gradients of gram_stats_ for g (P, 5) fp64");
   m.def("pooled_empty", &pooled_empty, py::arg("sizes"), py::arg("dtype"),
         "an uninitialised contiguous CPU tensor whose 2 MiB-aligned block returns to the cache when it dies");
   m.def("pool_set_limit", &pool_set_limit, py::arg("bytes"), "most bytes the cache keeps (0: none); trims at once");

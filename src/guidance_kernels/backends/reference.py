@@ -15,8 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from guidance_kernels.backends import Backend, cpu_gram, cpu_pages, cpu_syrk, register_backend
-from guidance_kernels.metrics import gram_stats
+from guidance_kernels.backends import Backend, cpu_gram, cpu_pages, cpu_stats, cpu_syrk, register_backend
 from guidance_kernels.planning import acc_dtype
 
 _BLOCK_ELEMS = 1 << 22  # largest temporary, in elements (16 MiB of fp32)
@@ -209,7 +208,7 @@ register_backend(
         gram_backward=gram_backward,
         cross=cross,
         cross_backward=cross_backward,
-        gram_stats=gram_stats,
+        gram_stats=cpu_stats.gram_stats,  # the torch formulation except for fp32 CPU stacks
         priority={"cpu": 0, "cuda": 100},
     )
 )

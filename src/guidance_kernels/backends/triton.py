@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from guidance_kernels import metrics
 from guidance_kernels.backends import Backend, register_backend
 from guidance_kernels.backends import reference as _ref
 from guidance_kernels.planning import group_by
@@ -347,7 +348,7 @@ def gram_stats(k: Tensor, l: Tensor) -> Tensor:
     """(P, n, n) centered Grams -> (P, 5) fp64 CKA statistics: one ``stats_kernel`` launch for
     every pair, plus one sum over its fixed number of partials (deterministic)."""
     if k.dtype != torch.float32 or l.dtype != torch.float32:
-        return _ref.gram_stats(k, l)
+        return metrics.gram_stats(k, l)
     k, l = k.contiguous(), l.contiguous()
     P, n = k.shape[0], k.shape[-1]
     nn_ = n * n

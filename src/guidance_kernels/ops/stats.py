@@ -4,7 +4,8 @@
 :func:`guidance_kernels.metrics.cka_from_stats` turns them into CKA. Contract: ``docs/design.md``.
 
 Backward: ``dK = g₀ L + 2 g₁ K + g₃ I``, ``dL = g₀ K + 2 g₂ L + g₄ I``, computed in fp64 and
-rounded to the Grams' dtype (plain torch ops, so double backward works).
+rounded to the Grams' dtype (``backends/cpu_stats.py``: plain torch ops, so double backward
+works; on fp32 CPU stacks outside ``create_graph``, one pass of the CPU extension instead).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 from torch import Tensor
 
 from guidance_kernels import metrics
-from guidance_kernels.backends import get_backend
+from guidance_kernels.backends import cpu_stats, get_backend
 
 __all__ = ["gram_stats"]
 
@@ -50,18 +51,8 @@ def _setup(ctx, inputs, output):
 def _bwd(ctx, g):
     k, l = ctx.saved_tensors
     # fp64 like the statistics: d CKA / d ΣK∘K ~ 1 / ΣK∘K overflows fp32 for tiny Grams even
-    # where the product with K is in range (Gram-sized temporaries only).
-    g = g.double()[:, :, None, None]  # (P, 5, 1, 1)
-    kd, ld = k.double(), l.double()
-    dk = dl = None
-    if ctx.needs_input_grad[0]:
-        dk = g[:, 0] * ld + (2 * g[:, 1]) * kd
-        dk.diagonal(dim1=-2, dim2=-1).add_(g[:, 3, :, 0])
-        dk = dk.to(k.dtype)
-    if ctx.needs_input_grad[1]:
-        dl = g[:, 0] * kd + (2 * g[:, 2]) * ld
-        dl.diagonal(dim1=-2, dim2=-1).add_(g[:, 4, :, 0])
-        dl = dl.to(l.dtype)
+    # where the product with K is in range (Gram-sized temporaries only, or none on the CPU kernel)
+    dk, dl = cpu_stats.gram_stats_backward(g, k, l, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
     return dk, dl, None
 
 

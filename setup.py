@@ -188,7 +188,9 @@ def _cpu_extension():
             raise SystemExit(f"GUIDANCE_KERNELS_FORCE_BUILD is set but torch is not importable: {e}")
         _log(f"not building the CPU extension: torch is not importable at build time ({e})")
         return [], {}
-    ext = CppExtension(name=CPU_EXT_NAME, sources=CPU_SOURCES, extra_compile_args={"cxx": ["-O3", "-g0", "-fopenmp", "-ffp-contract=off"]}, extra_link_args=["-fopenmp"])
+    # OpenMP: at::parallel_for is serial without it; no contraction: cpu_stats' bit-identity
+    flags = ["-O3", "-g0", "-fopenmp", "-ffp-contract=off"]
+    ext = CppExtension(name=CPU_EXT_NAME, sources=CPU_SOURCES, extra_compile_args={"cxx": flags}, extra_link_args=["-fopenmp"])
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 

@@ -25,6 +25,15 @@ void check_stack(const at::Tensor& t, const char* name, int64_t P, int64_t n) {
                  t.sizes(), " ", t.scalar_type());
 }
 
+// o[c] <- fp32(ga a[c] + gb b[c], plus d where c == r), each product and sum rounded in fp64
+void grad_row(float* o, const float* a, const float* b, double ga, double gb, double d, int64_t r, int64_t n) {
+  for (int64_t c = 0; c < n; ++c) {
+    const double p0 = ga * static_cast<double>(a[c]), p1 = gb * static_cast<double>(b[c]);
+    const double v = p0 + p1;
+    o[c] = static_cast<float>(c == r ? v + d : v);
+  }
+}
+
 }  // namespace
 
 void gram_stats_(const at::Tensor& k, const at::Tensor& l, const at::Tensor& out) {
@@ -102,22 +111,8 @@ void gram_stats_backward_(const at::Tensor& g, const at::Tensor& k, const at::Te
       const double g0 = gi[0], g1 = 2 * gi[1], g2 = 2 * gi[2];
       const float* kr = kp + row * n;
       const float* lr = lp + row * n;
-      if (want_k) {
-        float* o = dkp + row * n;
-        for (int64_t c = 0; c < n; ++c) {
-          const double p0 = g0 * static_cast<double>(lr[c]), p1 = g1 * static_cast<double>(kr[c]);
-          const double v = p0 + p1;
-          o[c] = static_cast<float>(c == r ? v + gi[3] : v);
-        }
-      }
-      if (want_l) {
-        float* o = dlp + row * n;
-        for (int64_t c = 0; c < n; ++c) {
-          const double p0 = g0 * static_cast<double>(kr[c]), p1 = g2 * static_cast<double>(lr[c]);
-          const double v = p0 + p1;
-          o[c] = static_cast<float>(c == r ? v + gi[4] : v);
-        }
-      }
+      if (want_k) grad_row(dkp + row * n, lr, kr, g0, g1, gi[3], r, n);
+      if (want_l) grad_row(dlp + row * n, kr, lr, g0, g2, gi[4], r, n);
     }
   });
 }

@@ -21,7 +21,7 @@ import threading
 import torch
 from torch import Tensor
 
-__all__ = ["KC", "KC_BWD", "MAX_N", "PRIVATE_BYTES", "available", "gram_available", "gram_", "gram_backward_",
+__all__ = ["KC", "KC_BWD", "MAX_N", "PRIVATE_BYTES", "extension", "available", "gram_available", "gram_", "gram_backward_",
            "recording_ranges", "key"]
 
 KC = 384  # columns per packed block: 24 KiB per 16-row group; 256..384 measured best (L1 48 KiB)
@@ -30,16 +30,23 @@ MAX_N = 2048  # largest n of both kernels
 PRIVATE_BYTES = 64 << 20  # the Gram's private n² fp32 per extra thread, all threads together
 
 
-@functools.lru_cache(maxsize=None)
-def _module():
-    """The verified extension module, or None."""
+def extension():
+    """``guidance_kernels._cpu``, or None when it is not built or ``GK_NO_CPU_KERNEL`` is set
+    (the caller still verifies the kernels it uses)."""
     if os.environ.get("GK_NO_CPU_KERNEL", "") not in ("", "0"):
         return None
     try:
         from guidance_kernels import _cpu
     except ImportError:
         return None
-    if not _cpu.supported():
+    return _cpu
+
+
+@functools.lru_cache(maxsize=None)
+def _module():
+    """The verified extension module, or None."""
+    _cpu = extension()
+    if _cpu is None or not _cpu.supported():
         return None
     # a case with edge groups (n = 37), several column blocks (kc = 16) and two chunks
     x = torch.arange(37 * 70, dtype=torch.float32).reshape(37, 70).sin().add_(3.0)

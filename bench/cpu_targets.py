@@ -142,8 +142,9 @@ def main():
     tt = interleaved(fns, budget)
     t_loss, t_paper = tt["gk"], tt["paper"]
     rates = [rate, 2 * m**3 / tt["gemm"]]  # the GEMM also interleaved with the loss: the same load
+    # full_gemm_floor_s and pct_floor are set at the end, from the fastest GEMM of the run
     row = {"gk_s": t_loss, "gemm_fp32_flops_per_s_interleaved": rates[1], "paper_s": t_paper,
-           "full_gemm_floor_s": flops / rate, "pct_floor": 100 * flops / rate / t_loss, "speedup_vs_paper": t_paper / t_loss}
+           "speedup_vs_paper": t_paper / t_loss}
     if "primitives" in tt:
         row["primitives_s"] = tt["primitives"]
     out["loss_resnet18_half"] = row

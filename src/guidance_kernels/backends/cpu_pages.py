@@ -111,9 +111,8 @@ def empty(shape, dtype: torch.dtype) -> Tensor:
     nbytes = torch.Size(shape).numel() * dtype.itemsize
     if nbytes < MIN_BYTES:
         return torch.empty(shape, dtype=dtype)
-    mod = _pool()
-    if mod is not None and mod.pool_stats()[2] > 0:
-        return mod.pooled_empty(list(shape), dtype)
+    if cache_limit() > 0:  # the extension is built and the cache is on
+        return _pool().pooled_empty(list(shape), dtype)
     t = torch.empty(shape, dtype=dtype)
     fn = _madvise()
     if fn is not None:

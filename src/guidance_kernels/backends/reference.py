@@ -7,7 +7,7 @@ cache-sized buffer per call, never a copy of a whole activation. On CPU, fp32 Gr
 backward use the AVX-512 kernels of :mod:`.cpu_gram` (shift fused into the product) when built,
 else the symmetric rank-k update of :mod:`.cpu_syrk` (half the multiply-adds) when MKL provides
 it, else GEMMs; every product writes straight into its slice of the result (a stacked ``(L, n, n)``
-table, or ``dX``'s columns, whose pages are advised huge: :mod:`.cpu_pages`).
+table, or ``dX``'s columns, whose blocks come from the block cache of :mod:`.cpu_pages`).
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ SOURCES = [
     "csrc/cross_bwd.cu",
 ]
 CPU_EXT_NAME = "guidance_kernels._cpu"
-CPU_SOURCES = ["csrc/cpu/module.cpp", "csrc/cpu/gram_shifted.cpp", "csrc/cpu/gram_stats.cpp", "csrc/cpu/pool.cpp"]
+CPU_SOURCES = ["csrc/cpu/module.cpp", "csrc/cpu/gram_shifted.cpp", "csrc/cpu/gram_avx512.cpp", "csrc/cpu/gram_avx2.cpp", "csrc/cpu/gram_stats.cpp", "csrc/cpu/pool.cpp"]
 DEFAULT_ARCHS = "80+PTX;90a"
 
 

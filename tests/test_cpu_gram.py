@@ -1,8 +1,10 @@
-"""The fused AVX-512 row-shifted Gram (csrc/cpu/gram_shifted.cpp via backends/cpu_gram.py) against
-the fp64 reference: edge groups (n not a multiple of 16), column blocks and thread chunks of every
-kind, strided input, offset data where ||Kc|| / ||K|| ~ 1e-7, a NaN-poisoned output; and its use
-by the reference backend. Skipped (with the reason) where the extension is not built or the CPU
-has no AVX-512: the MKL path it replaces is tested in tests/test_cpu_syrk.py."""
+"""The fused row-shifted Gram and its backward (csrc/cpu/gram_shifted.cpp via backends/cpu_gram.py)
+against the fp64 reference, for every instruction set this CPU runs (AVX-512 and AVX2 + FMA on
+an AVX-512 machine, AVX2 alone on e.g. AMD Zen 3): edge groups (n not a multiple of 16), column
+blocks and thread chunks of every kind, strided input, offset data where ||Kc|| / ||K|| ~ 1e-7, a
+NaN-poisoned output; and its use by the reference backend. Skipped (with the reason) where the
+extension is not built or the CPU has neither: the MKL path it replaces is tested in
+tests/test_cpu_syrk.py."""
 
 import subprocess
 import sys
@@ -16,51 +18,58 @@ from tolerance import abs_product, assert_entrywise
 F32, F64 = torch.float32, torch.float64
 
 needs_kernel = pytest.mark.skipif(
-    cpu_gram._module() is None, reason="guidance_kernels._cpu not built, no AVX-512, or GK_NO_CPU_KERNEL set"
+    cpu_gram._module() is None, reason="guidance_kernels._cpu not built, no AVX-512 / AVX2, or GK_NO_CPU_KERNEL set"
 )
 
 
-def _check(x: torch.Tensor, kc: int, chunks: int) -> None:
+@pytest.fixture(params=["avx512", "avx2"])
+def isa(request):
+    """Each instruction set's kernels, where this CPU runs them."""
+    if cpu_gram._module() is None or request.param not in cpu_gram._module().isas():
+        pytest.skip(f"this CPU (or build) does not run the {request.param} kernels")
+    return request.param
+
+
+def _check(x: torch.Tensor, kc: int, chunks: int, isa: str = "") -> None:
     n = x.shape[0]
     got = torch.full((n, n), float("nan"))  # poison: every entry must be written
-    cpu_gram._module().gram_shifted_(x, got, kc, chunks, torch.empty(0))
+    cpu_gram._module().gram_shifted_(x, got, kc, chunks, torch.empty(0), isa)
     xs = x.double() - x[:1].double()  # the shifted rows, exact in fp64
     assert torch.equal(got, got.T), "not symmetric"
-    assert_entrywise(got, xs @ xs.T, abs_product(xs, xs.T), k=max(x.shape[1], 1), msg=f"n={n} p={x.shape[1]} kc={kc} chunks={chunks}")
+    msg = f"isa={isa} n={n} p={x.shape[1]} kc={kc} chunks={chunks}"
+    assert_entrywise(got, xs @ xs.T, abs_product(xs, xs.T), k=max(x.shape[1], 1), msg=msg)
 
 
-@needs_kernel
 @pytest.mark.parametrize("n", [1, 2, 15, 16, 17, 40])
 @pytest.mark.parametrize("p", [1, 7, 16, 33, 300])
-def test_matches_fp64_on_offset_data(n, p):
+def test_matches_fp64_on_offset_data(n, p, isa):
     g = torch.Generator().manual_seed(n * 1000 + p)
     x = (torch.randn(n, p, generator=g, dtype=F64) * 0.5 + 3e3).float()  # ||Kc|| / ||K|| ~ 1e-7
-    for kc, chunks in ((384, 1), (16, 1), (16, 3), (7, 2), (384, 2)):
-        _check(x, kc, chunks)
+    for kc, chunks in ((384, 1), (16, 1), (16, 3), (7, 2), (384, 2), (9, 1)):
+        _check(x, kc, chunks, isa)
 
 
-@needs_kernel
-def test_strided_input_and_wide_rows():
+def test_strided_input_and_wide_rows(isa):
     """A column slice of a wider tensor (row stride > p, unaligned start) and a long row."""
     g = torch.Generator().manual_seed(5)
     big = torch.randn(33, 1000, generator=g) - 7.0
-    _check(big[:, 3:930], 128, 2)
-    _check(big[5:, 1:], 384, 2)
-    _check(torch.randn(3, 20000, generator=g) + 1e3, 384, 2)
+    _check(big[:, 3:930], 128, 2, isa)
+    _check(big[5:, 1:], 384, 2, isa)
+    _check(torch.randn(3, 20000, generator=g) + 1e3, 384, 2, isa)
 
 
-@needs_kernel
-def test_no_columns_constant_rows_and_nan():
+def test_no_columns_constant_rows_and_nan(isa):
+    k = cpu_gram._module()
     z = torch.full((5, 5), float("nan"))
-    cpu_gram._module().gram_shifted_(torch.empty(5, 0), z, 384, 2, torch.empty(0))
+    k.gram_shifted_(torch.empty(5, 0), z, 384, 2, torch.empty(0), isa)
     assert torch.equal(z, torch.zeros(5, 5))  # the Gram of nothing
     c = torch.full((20, 50), 3.25)  # constant rows: the shift makes them exactly zero
     out = torch.full((20, 20), float("nan"))
-    cpu_gram._module().gram_shifted_(c, out, 384, 2, torch.empty(0))
+    k.gram_shifted_(c, out, 384, 2, torch.empty(0), isa)
     assert torch.equal(out, torch.zeros(20, 20))
     x = torch.randn(20, 50)
     x[4, 7] = float("nan")
-    cpu_gram._module().gram_shifted_(x, out, 384, 2, torch.empty(0))
+    k.gram_shifted_(x, out, 384, 2, torch.empty(0), isa)
     assert torch.isnan(out[4]).all() and torch.isnan(out[:, 4]).all()  # NaN stays visible
     assert not torch.isnan(out[:4, :4]).any()
 
@@ -76,6 +85,9 @@ def test_bad_arguments_name_the_problem():
         k.gram_shifted_(torch.randn(4, 5), torch.empty(4, 4), 384, 1, torch.empty(3))
     with pytest.raises(RuntimeError, match=r"gram_shifted_.*shape \(4, 4\)"):
         k.gram_shifted_(torch.randn(4, 5), torch.empty(5, 5), 384, 1, torch.empty(0))
+    with pytest.raises(RuntimeError, match=r"gram_backward_shifted_: isa 'sse9' is not run .* it runs: avx"):
+        k.gram_backward_shifted_(torch.randn(4, 4), torch.randn(4, 6), torch.empty(4, 6), 512, 1, "sse9")
+    assert cpu_gram.isa() == k.isas()[0] and set(k.isas()) <= {"avx512", "avx2"}
 
 
 @needs_kernel
@@ -126,8 +138,7 @@ def test_env_switch_disables_the_kernel():
     assert out.stdout.strip() == "False"
 
 
-@needs_kernel
-def test_range_is_min_and_max_of_x():
+def test_range_is_min_and_max_of_x(isa):
     """The min / max read while packing (the scale check's input) over edge groups, column tails
     and thread chunks; an empty x gives (inf, -inf)."""
     g = torch.Generator().manual_seed(7)
@@ -136,10 +147,13 @@ def test_range_is_min_and_max_of_x():
         x = torch.randn(n, p, generator=g) * 3 + 1
         x[n - 1, p - 1] = 1e3  # in the last (masked) lanes
         rng = torch.full((2,), float("nan"))
-        k.gram_shifted_(x, torch.empty(n, n), kc, chunks, rng)
+        k.gram_shifted_(x, torch.empty(n, n), kc, chunks, rng, isa)
+        assert torch.equal(rng, torch.stack(torch.aminmax(x))), (n, p, kc, chunks)
+        x[n - 1, p - 1] = -1e3  # the minimum in the masked lanes
+        k.gram_shifted_(x, torch.empty(n, n), kc, chunks, rng, isa)
         assert torch.equal(rng, torch.stack(torch.aminmax(x))), (n, p, kc, chunks)
     rng = torch.full((2,), float("nan"))
-    k.gram_shifted_(torch.empty(4, 0), torch.empty(4, 4), 384, 2, rng)
+    k.gram_shifted_(torch.empty(4, 0), torch.empty(4, 4), 384, 2, rng, isa)
     assert rng.tolist() == [float("inf"), float("-inf")]
 
 
@@ -195,38 +209,35 @@ def test_feature_form_and_procrustes_keep_the_min_max_pass(monkeypatch):
     assert seen == [] and functional._unscaled_cpu([x.double()], "reference", lambda: 1) is None
 
 
-def _check_backward(m: torch.Tensor, x: torch.Tensor, dx: torch.Tensor, kc: int, chunks: int) -> None:
+def _check_backward(m: torch.Tensor, x: torch.Tensor, dx: torch.Tensor, kc: int, chunks: int, isa: str = "") -> None:
     dx.fill_(float("nan"))  # poison: every entry must be written
-    cpu_gram._module().gram_backward_shifted_(m, x, dx, kc, chunks)
+    cpu_gram._module().gram_backward_shifted_(m, x, dx, kc, chunks, isa)
     xs = x.double() - x[:1].double()
     assert_entrywise(dx, m.double() @ xs, abs_product(m, xs), k=x.shape[0],
-                     msg=f"n={x.shape[0]} p={x.shape[1]} kc={kc} chunks={chunks}")
+                     msg=f"isa={isa} n={x.shape[0]} p={x.shape[1]} kc={kc} chunks={chunks}")
 
 
-@needs_kernel
-@pytest.mark.parametrize("n", [1, 2, 7, 8, 9, 40, 300])
-@pytest.mark.parametrize("p", [1, 7, 33, 47, 48, 49, 300])
-def test_backward_matches_fp64_on_offset_data(n, p):
-    """``dX = M x'`` over edge panels (n not a multiple of 8), column tails (p not a multiple of
-    48), several column blocks and thread chunks."""
+@pytest.mark.parametrize("n", [1, 2, 5, 6, 7, 8, 9, 13, 40, 300])
+@pytest.mark.parametrize("p", [1, 7, 15, 16, 17, 33, 47, 48, 49, 300])
+def test_backward_matches_fp64_on_offset_data(n, p, isa):
+    """``dX = M x'`` over edge panels (n not a multiple of the tile's 8 / 6 rows), column tails
+    (p not a multiple of its 48 / 16 columns), several column blocks and thread chunks."""
     g = torch.Generator().manual_seed(n * 1000 + p + 1)
     x = (torch.randn(n, p, generator=g, dtype=F64) * 0.5 + 3e3).float()
     m = torch.randn(n, n, generator=g)
     for kc, chunks in ((512, 1), (32, 2), (7, 3)):
-        _check_backward(m, x, torch.empty(n, p), kc, chunks)
+        _check_backward(m, x, torch.empty(n, p), kc, chunks, isa)
 
 
-@needs_kernel
-def test_backward_two_row_slabs():
+def test_backward_two_row_slabs(isa):
     """n above the kernel's slab (2048 rows of x' per pass): the second slab adds into dX."""
     g = torch.Generator().manual_seed(21)
     x = (torch.randn(2100, 50, generator=g, dtype=F64) * 0.5 - 40.0).float()
     m = torch.randn(2100, 2100, generator=g)
-    _check_backward(m, x, torch.empty(2100, 50), 512, 2)
+    _check_backward(m, x, torch.empty(2100, 50), 512, 2, isa)
 
 
-@needs_kernel
-def test_backward_strided_input_and_output():
+def test_backward_strided_input_and_output(isa):
     """x a column slice (unaligned start), dx a column slice of a wider tensor (row stride > p,
     unaligned: no streaming stores), and a contiguous aligned dx (streaming stores)."""
     g = torch.Generator().manual_seed(9)
@@ -234,11 +245,11 @@ def test_backward_strided_input_and_output():
     m = torch.randn(40, 40, generator=g)
     out = torch.empty(40, 1003)
     out[:, 0] = 5.0
-    _check_backward(m, big[:, 3:930], out[:, 1:928], 512, 2)
+    _check_backward(m, big[:, 3:930], out[:, 1:928], 512, 2, isa)
     assert bool((out[:, 0] == 5.0).all())  # outside dx: untouched
     from guidance_kernels.backends import cpu_pages
 
-    _check_backward(m, big[:, :512], cpu_pages.empty((40, 512), torch.float32), 128, 2)
+    _check_backward(m, big[:, :512], cpu_pages.empty((40, 512), torch.float32), 128, 2, isa)
 
 
 @needs_kernel

@@ -60,6 +60,16 @@ def abs_product(a: Tensor, b: Tensor) -> Tensor:
     return a.detach().double().abs() @ b.detach().double().abs()
 
 
+def centered_scale(scale: Tensor) -> Tensor:
+    """The ``Σ|terms|`` of ``H K H`` (``H = I - 11ᵀ/n``) entry by entry, given ``scale`` (n, n), the
+    ``Σ|terms|`` of ``K``'s entries: ``(I + 11ᵀ/n) scale (I + 11ᵀ/n)`` (centring mixes every row and
+    column into each entry, so a zero row of ``scale``, e.g. the shifted row 0, does not make the
+    centred entry exact)."""
+    s = scale.double()
+    a = torch.eye(s.shape[-1], dtype=s.dtype, device=s.device) + 1.0 / s.shape[-1]
+    return a @ s @ a
+
+
 def assert_entrywise(got: Tensor, want: Tensor, scale: Tensor, *, k: int, input_dtype: torch.dtype = torch.float32,
                      acc_dtype: torch.dtype = torch.float32, c: float = 2.0, msg: str = "") -> None:
     """``|got - want| <= c (k eps(acc_dtype) + eps(input_dtype)) scale`` entry by entry: the

@@ -3,14 +3,18 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 namespace gk_cpu {
 
-// gram_shifted.cpp: the row-shifted Gram and its backward (AVX-512)
-bool supported();
-void gram_shifted_(const at::Tensor& x, const at::Tensor& out, int64_t kc, int64_t chunks, const at::Tensor& range);
-void gram_backward_shifted_(const at::Tensor& m, const at::Tensor& x, const at::Tensor& dx, int64_t kc, int64_t chunks);
+// gram_shifted.cpp: the row-shifted Gram and its backward (AVX-512 or AVX2 + FMA; isa "" = the best)
+std::vector<std::string> isas();  // the instruction sets this CPU and build run, best first
+bool supported();                 // isas() is not empty
+void gram_shifted_(const at::Tensor& x, const at::Tensor& out, int64_t kc, int64_t chunks, const at::Tensor& range,
+                   const std::string& isa);
+void gram_backward_shifted_(const at::Tensor& m, const at::Tensor& x, const at::Tensor& dx, int64_t kc, int64_t chunks,
+                            const std::string& isa);
 
 // gram_stats.cpp: CKA statistics of stacked fp32 centered Grams (P, n, n) -> (P, 5) fp64, and backward
 void gram_stats_(const at::Tensor& k, const at::Tensor& l, const at::Tensor& out);

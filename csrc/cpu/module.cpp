@@ -7,12 +7,15 @@
 PYBIND11_MODULE(_cpu, m) {
   using namespace gk_cpu;
   namespace py = pybind11;
-  m.doc() = "guidance_kernels CPU extension: AVX-512 row-shifted Gram and backward, and a cache of large CPU blocks";
-  m.def("supported", &supported, "whether this CPU and build run the AVX-512 kernels");
+  m.doc() = "guidance_kernels CPU extension: row-shifted Gram and backward (AVX-512, AVX2), and a cache of large CPU blocks";
+  m.def("isas", &isas, "the instruction sets of the Gram kernels this CPU and build run, best first");
+  m.def("supported", &supported, "whether this CPU and build run the Gram kernels (AVX-512 or AVX2 + FMA)");
   m.def("gram_shifted_", &gram_shifted_, py::arg("x"), py::arg("out"), py::arg("kc"), py::arg("chunks"),
-        py::arg("range"), "out (n, n) <- (x - 1 x[0])(x - 1 x[0])ᵀ, fp32; range (2 or empty) <- {min, max} of x");
+        py::arg("range"), py::arg("isa") = "",
+        "out (n, n) <- (x - 1 x[0])(x - 1 x[0])ᵀ, fp32; range (2 or empty) <- {min, max} of x; isa: one of isas() "
+        "('' = the best)");
   m.def("gram_backward_shifted_", &gram_backward_shifted_, py::arg("m"), py::arg("x"), py::arg("dx"), py::arg("kc"),
-        py::arg("chunks"), "dx (n, p) <- m (x - 1 x[0]), fp32");
+        py::arg("chunks"), py::arg("isa") = "", "dx (n, p) <- m (x - 1 x[0]), fp32; isa: one of isas() ('' = the best)");
   m.def("gram_stats_", &gram_stats_, py::arg("k"), py::arg("l"), py::arg("out"),
         "out (P, 5) fp64 <- (sum K*L, sum K*K, sum L*L, tr K, tr L) of fp32 k, l (P, n, n)");
   m.def("gram_stats_backward_", &gram_stats_backward_, py::arg("g"), py::arg("k"), py::arg("l"), py::arg("dk"),

@@ -1,11 +1,11 @@
 """The row-shifted Gram ``x' x'ᵀ`` (``x' = x - 1 x[0]``) of an fp32 CPU activation and its backward
-``dX = M x'`` through the AVX-512 kernels of ``guidance_kernels._cpu``
-(``csrc/cpu/gram_shifted.cpp``): the shift is fused into the packing of each product, the Gram
-computes one triangle of 16x16 tiles, the backward writes ``dX`` with streaming stores, and
-threads split the columns. They replace "shift a column block into a buffer, then MKL ``?syrk``
+``dX = M x'`` through the kernels of ``guidance_kernels._cpu`` (``csrc/cpu/gram_shifted.cpp``;
+AVX-512 or AVX2 + FMA, the best the CPU runs: :func:`isa`): the shift is fused into the packing
+of each product, the Gram computes one triangle of 16x16 tiles, the backward writes ``dX`` with
+streaming stores, and threads split the columns. They replace "shift a column block into a buffer, then MKL ``?syrk``
 / GEMM" (:mod:`.reference`), which reads every activation twice.
 
-Used when the extension is built, the CPU has AVX-512, the kernels matched float64 on a small
+Used when the extension is built, the CPU has AVX-512 or AVX2 + FMA, the kernels matched float64 on a small
 case at first use, and the input is fp32 with unit column stride and ``n <= MAX_N``; the Gram
 also needs its extra threads' private ``n x n`` Grams to fit in ``PRIVATE_BYTES``.
 ``GK_NO_CPU_KERNEL=1`` in the environment turns both off (the MKL path then runs).
@@ -21,8 +21,8 @@ import threading
 import torch
 from torch import Tensor
 
-__all__ = ["KC", "KC_BWD", "MAX_N", "PRIVATE_BYTES", "extension", "available", "gram_available", "gram_", "gram_backward_",
-           "recording_ranges", "key"]
+__all__ = ["KC", "KC_BWD", "MAX_N", "PRIVATE_BYTES", "extension", "isa", "available", "gram_available", "gram_",
+           "gram_backward_", "recording_ranges", "key"]
 
 KC = 384  # columns per packed block: 24 KiB per 16-row group; 256..384 measured best (L1 48 KiB)
 KC_BWD = 512  # columns of x' packed per pass of the backward (512 KiB at n = 256: L2)
@@ -62,6 +62,11 @@ def _module():
     if not ok or not torch.equal(rng, torch.stack(torch.aminmax(x))):
         return None  # never use a kernel that disagrees with the reference
     return _cpu
+
+
+def isa() -> str | None:
+    """The instruction set of the kernels in use (``"avx512"`` or ``"avx2"``), None when unused."""
+    return None if _module() is None else _module().isas()[0]
 
 
 def available(x: Tensor) -> bool:

@@ -1,0 +1,180 @@
+// guidance_kernels._cpu: the AVX2 + FMA table of the row-shifted Gram and its backward (AMD Zen
+// 1-3, Intel client and pre-Skylake-SP cores; 16 vector registers of 8 floats). Layouts and
+// contract: gram_isa.h; drivers: gram_shifted.cpp; reference: backends/reference.py.
+//
+// Gram: the packed layout is the AVX-512 one (16 rows of a column in 64 bytes), built from two
+// 8x8 in-register transposes per 8 columns. A 16x16 tile is computed as 16 x 6, 16 x 6 and 16 x 4
+// strips, each 2 x J accumulators (J <= 6: 12 accumulators, 2 row vectors and a broadcast fill
+// 15 of the 16 registers): per k two vector loads, J broadcasts and 2 J FMAs.
+// Backward: 6 x 16 micro-tiles (6 x 2 accumulators: 2 loads and 6 broadcasts per 12 FMAs, the
+// classic AVX2 GEMM tile); full aligned vectors of a final tile leave with streaming stores.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include "gram_isa.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define GK_AVX2 __attribute__((target("avx2,fma")))
+
+namespace gk_cpu {
+namespace {
+
+constexpr int64_t MR = 6, W = 16;
+
+// lanes 0 .. w - 1 of a 256-bit mask (all eight for w >= 8, none for w <= 0)
+GK_AVX2 inline __m256i head_mask(int64_t w) {
+  const int c = static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(w, 8)));
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(c), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// r[k] <- column k of the 8x8 block whose rows are r[0..7]
+GK_AVX2 inline void transpose8(__m256 r[8]) {
+  __m256 t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+    u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+    u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm256_permute2f128_ps(u[i], u[4 + i], 0x20);
+    r[4 + i] = _mm256_permute2f128_ps(u[i], u[4 + i], 0x31);
+  }
+}
+
+GK_AVX2 void pack(const float* x, int64_t ldx, int64_t n, int64_t k0, int64_t kc, int64_t groups, float* P,
+                  float* lohi) {
+  __m256 lo = _mm256_set1_ps(lohi[0]), hi = _mm256_set1_ps(lohi[1]);
+  for (int64_t g = 0; g < groups; ++g) {
+    float* pg = P + g * kc * 16;
+    for (int64_t kk = 0; kk < kc; kk += 8) {
+      const int64_t w = std::min<int64_t>(8, kc - kk);
+      const __m256i m = head_mask(w);
+      const __m256 live = _mm256_castsi256_ps(m);
+      const __m256 x0 = _mm256_maskload_ps(x + k0 + kk, m);
+      for (int h = 0; h < 2; ++h) {
+        __m256 r[8];
+        for (int i = 0; i < 8; ++i) {
+          const int64_t row = 16 * g + 8 * h + i;
+          if (row < n) {
+            const __m256 v = _mm256_maskload_ps(x + row * ldx + k0 + kk, m);
+            lo = _mm256_blendv_ps(lo, _mm256_min_ps(lo, v), live);
+            hi = _mm256_blendv_ps(hi, _mm256_max_ps(hi, v), live);
+            r[i] = _mm256_sub_ps(v, x0);
+          } else {
+            r[i] = _mm256_setzero_ps();
+          }
+        }
+        transpose8(r);
+        for (int i = 0; i < w; ++i) _mm256_storeu_ps(pg + (kk + i) * 16 + 8 * h, r[i]);
+      }
+    }
+  }
+  alignas(32) float l[8], u[8];
+  _mm256_store_ps(l, lo);
+  _mm256_store_ps(u, hi);
+  for (int i = 0; i < 8; ++i) {
+    lohi[0] = std::min(lohi[0], l[i]);
+    lohi[1] = std::max(lohi[1], u[i]);
+  }
+}
+
+// K[j0 + j][i0 .. i0 + 15] (=|+=) sum_k a[k][:] b[k][j] for j < J (b: the strip's first row)
+template <int J>
+GK_AVX2 inline void strip(const float* a, const float* b, int64_t kc, float* K, int64_t n, int64_t i0, int64_t j0,
+                          bool first) {
+  __m256 acc[J][2];
+  for (int j = 0; j < J; ++j) acc[j][0] = acc[j][1] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < kc; ++k) {
+    const __m256 a0 = _mm256_loadu_ps(a + 16 * k), a1 = _mm256_loadu_ps(a + 16 * k + 8);
+    for (int j = 0; j < J; ++j) {
+      const __m256 bj = _mm256_broadcast_ss(b + 16 * k + j);
+      acc[j][0] = _mm256_fmadd_ps(a0, bj, acc[j][0]);
+      acc[j][1] = _mm256_fmadd_ps(a1, bj, acc[j][1]);
+    }
+  }
+  const __m256i m0 = head_mask(n - i0), m1 = head_mask(n - i0 - 8);
+  for (int j = 0; j < J && j0 + j < n; ++j) {
+    float* out = K + (j0 + j) * n + i0;
+    __m256 v0 = acc[j][0], v1 = acc[j][1];
+    if (!first) {
+      v0 = _mm256_add_ps(v0, _mm256_maskload_ps(out, m0));
+      v1 = _mm256_add_ps(v1, _mm256_maskload_ps(out + 8, m1));
+    }
+    _mm256_maskstore_ps(out, m0, v0);
+    _mm256_maskstore_ps(out + 8, m1, v1);
+  }
+}
+
+GK_AVX2 void tiles(const float* P, int64_t kc, int64_t groups, int64_t n, float* K, bool first) {
+  for (int64_t gj = 0; gj < groups; ++gj) {
+    const float* b = P + gj * kc * 16;
+    for (int64_t gi = gj; gi < groups; ++gi) {
+      const float* a = P + gi * kc * 16;
+      const int64_t i0 = 16 * gi, j0 = 16 * gj;
+      strip<6>(a, b, kc, K, n, i0, j0, first);
+      if (j0 + 6 < n) strip<6>(a, b + 6, kc, K, n, i0, j0 + 6, first);
+      if (j0 + 12 < n) strip<4>(a, b + 12, kc, K, n, i0, j0 + 12, first);
+    }
+  }
+}
+
+GK_AVX2 void pack_cols(const float* x, int64_t ldx, int64_t n, int64_t k0, int64_t cols, float* B) {
+  const int64_t wp = (cols + W - 1) / W * W;
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t c = 0; c < wp; c += 8) {
+      const __m256i m = head_mask(cols - c);
+      const __m256 v = _mm256_sub_ps(_mm256_maskload_ps(x + j * ldx + k0 + c, m), _mm256_maskload_ps(x + k0 + c, m));
+      _mm256_storeu_ps(B + (c / W) * n * W + j * W + c % W, v);
+    }
+}
+
+GK_AVX2 void bwd_tile(const float* A, const float* B, int64_t nj, float* out, int64_t ldo, int64_t rows, int64_t cols,
+                      bool first, bool last) {
+  __m256 acc[MR][2];
+  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  for (int64_t j = 0; j < nj; ++j) {
+    const __m256 b0 = _mm256_loadu_ps(B + j * W), b1 = _mm256_loadu_ps(B + j * W + 8);
+    const float* aj = A + j * MR;
+    for (int r = 0; r < MR; ++r) {
+      const __m256 a = _mm256_broadcast_ss(aj + r);
+      acc[r][0] = _mm256_fmadd_ps(a, b0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(a, b1, acc[r][1]);
+    }
+  }
+  for (int r = 0; r < rows; ++r)
+    for (int v = 0; v < 2 && 8 * v < cols; ++v) {
+      float* o = out + r * ldo + 8 * v;
+      if (first && last && cols - 8 * v >= 8 && (reinterpret_cast<uintptr_t>(o) & 31) == 0) {
+        _mm256_stream_ps(o, acc[r][v]);
+        continue;
+      }
+      const __m256i m = head_mask(cols - 8 * v);
+      _mm256_maskstore_ps(o, m, first ? acc[r][v] : _mm256_add_ps(acc[r][v], _mm256_maskload_ps(o, m)));
+    }
+}
+
+const GramIsa kTable{"avx2", pack, tiles, MR, W, pack_cols, bwd_tile};
+
+}  // namespace
+
+const GramIsa* avx2_isa() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? &kTable : nullptr;
+}
+
+}  // namespace gk_cpu
+
+#else  // not x86
+
+namespace gk_cpu {
+const GramIsa* avx2_isa() { return nullptr; }
+}  // namespace gk_cpu
+
+#endif

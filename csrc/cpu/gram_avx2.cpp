@@ -6,8 +6,9 @@
 // 8x8 in-register transposes per 8 columns. A 16x16 tile is computed as 16 x 6, 16 x 6 and 16 x 4
 // strips, each 2 x J accumulators (J <= 6: 12 accumulators, 2 row vectors and a broadcast fill
 // 15 of the 16 registers): per k two vector loads, J broadcasts and 2 J FMAs.
-// Backward: 6 x 16 micro-tiles (6 x 2 accumulators: 2 loads and 6 broadcasts per 12 FMAs, the
-// classic AVX2 GEMM tile); full aligned vectors of a final tile leave with streaming stores.
+// Backward: 6 x 16 micro-tiles, the same micro-kernel with the roles swapped (2 loads of x' and 6
+// broadcasts of M per 12 FMAs, the classic AVX2 GEMM tile); full aligned vectors of a final tile
+// leave with streaming stores.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -85,24 +86,45 @@ GK_AVX2 void pack(const float* x, int64_t ldx, int64_t n, int64_t k0, int64_t kc
   }
 }
 
-// K[j0 + j][i0 .. i0 + 15] (=|+=) sum_k a[k][:] b[k][j] for j < J (b: the strip's first row)
+// t[j][0 .. 15] <- sum_{k < kn} v[16 k .. 16 k + 15] s[ss k + j] for j < J (<= 6): 2 J accumulators
+// as named variables (GCC 12 keeps an array of them in memory, a store per FMA in the loop)
+#define GK_ACC(j) __m256 c##j##0 = _mm256_setzero_ps(), c##j##1 = _mm256_setzero_ps();
+#define GK_STEP(j)                                   \
+  if constexpr (J > j) {                             \
+    const __m256 b = _mm256_broadcast_ss(sk + j);    \
+    c##j##0 = _mm256_fmadd_ps(v0, b, c##j##0);       \
+    c##j##1 = _mm256_fmadd_ps(v1, b, c##j##1);       \
+  }
+#define GK_SAVE(j)                      \
+  if constexpr (J > j) {                \
+    _mm256_store_ps(t[j], c##j##0);     \
+    _mm256_store_ps(t[j] + 8, c##j##1); \
+  }
+template <int J>
+GK_AVX2 inline void micro(const float* v, const float* s, int64_t ss, int64_t kn, float (*t)[16]) {
+  GK_ACC(0) GK_ACC(1) GK_ACC(2) GK_ACC(3) GK_ACC(4) GK_ACC(5)
+  for (int64_t k = 0; k < kn; ++k) {
+    const __m256 v0 = _mm256_loadu_ps(v + 16 * k), v1 = _mm256_loadu_ps(v + 16 * k + 8);
+    const float* sk = s + ss * k;
+    GK_STEP(0) GK_STEP(1) GK_STEP(2) GK_STEP(3) GK_STEP(4) GK_STEP(5)
+  }
+  GK_SAVE(0) GK_SAVE(1) GK_SAVE(2) GK_SAVE(3) GK_SAVE(4) GK_SAVE(5)
+}
+#undef GK_ACC
+#undef GK_STEP
+#undef GK_SAVE
+
+// K[j0 + j][i0 .. i0 + 15] (=|+=) sum_k a[k][:] b[k][j] for j < J (a, b: packed groups; b from
+// the strip's first row)
 template <int J>
 GK_AVX2 inline void strip(const float* a, const float* b, int64_t kc, float* K, int64_t n, int64_t i0, int64_t j0,
                           bool first) {
-  __m256 acc[J][2];
-  for (int j = 0; j < J; ++j) acc[j][0] = acc[j][1] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < kc; ++k) {
-    const __m256 a0 = _mm256_loadu_ps(a + 16 * k), a1 = _mm256_loadu_ps(a + 16 * k + 8);
-    for (int j = 0; j < J; ++j) {
-      const __m256 bj = _mm256_broadcast_ss(b + 16 * k + j);
-      acc[j][0] = _mm256_fmadd_ps(a0, bj, acc[j][0]);
-      acc[j][1] = _mm256_fmadd_ps(a1, bj, acc[j][1]);
-    }
-  }
+  alignas(32) float t[J][16];
+  micro<J>(a, b, 16, kc, t);
   const __m256i m0 = head_mask(n - i0), m1 = head_mask(n - i0 - 8);
   for (int j = 0; j < J && j0 + j < n; ++j) {
     float* out = K + (j0 + j) * n + i0;
-    __m256 v0 = acc[j][0], v1 = acc[j][1];
+    __m256 v0 = _mm256_load_ps(t[j]), v1 = _mm256_load_ps(t[j] + 8);
     if (!first) {
       v0 = _mm256_add_ps(v0, _mm256_maskload_ps(out, m0));
       v1 = _mm256_add_ps(v1, _mm256_maskload_ps(out + 8, m1));
@@ -137,26 +159,18 @@ GK_AVX2 void pack_cols(const float* x, int64_t ldx, int64_t n, int64_t k0, int64
 
 GK_AVX2 void bwd_tile(const float* A, const float* B, int64_t nj, float* out, int64_t ldo, int64_t rows, int64_t cols,
                       bool first, bool last) {
-  __m256 acc[MR][2];
-  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-  for (int64_t j = 0; j < nj; ++j) {
-    const __m256 b0 = _mm256_loadu_ps(B + j * W), b1 = _mm256_loadu_ps(B + j * W + 8);
-    const float* aj = A + j * MR;
-    for (int r = 0; r < MR; ++r) {
-      const __m256 a = _mm256_broadcast_ss(aj + r);
-      acc[r][0] = _mm256_fmadd_ps(a, b0, acc[r][0]);
-      acc[r][1] = _mm256_fmadd_ps(a, b1, acc[r][1]);
-    }
-  }
+  alignas(32) float t[MR][W];
+  micro<MR>(B, A, MR, nj, t);  // t[r][c] = sum_j B[j][c] A[j][r]
   for (int r = 0; r < rows; ++r)
     for (int v = 0; v < 2 && 8 * v < cols; ++v) {
       float* o = out + r * ldo + 8 * v;
+      const __m256 a = _mm256_load_ps(t[r] + 8 * v);
       if (first && last && cols - 8 * v >= 8 && (reinterpret_cast<uintptr_t>(o) & 31) == 0) {
-        _mm256_stream_ps(o, acc[r][v]);
+        _mm256_stream_ps(o, a);
         continue;
       }
       const __m256i m = head_mask(cols - 8 * v);
-      _mm256_maskstore_ps(o, m, first ? acc[r][v] : _mm256_add_ps(acc[r][v], _mm256_maskload_ps(o, m)));
+      _mm256_maskstore_ps(o, m, first ? a : _mm256_add_ps(a, _mm256_maskload_ps(o, m)));
     }
 }
 

@@ -10,7 +10,7 @@ Environment switches (see docs/cuda.md):
 
 ``GUIDANCE_KERNELS_SKIP_CUDA_BUILD=1``  never build the CUDA extension.
 ``GUIDANCE_KERNELS_SKIP_CPU_BUILD=1``   never build the CPU extension ``guidance_kernels._cpu``
-                                        (``csrc/cpu``: AVX-512 kernels, any C++17 compiler;
+                                        (``csrc/cpu``: AVX-512 / AVX2 kernels, any C++17 compiler;
                                         without it the CPU path uses MKL through PyTorch).
 ``GUIDANCE_KERNELS_FORCE_BUILD=1``      both extensions are required: a missing toolkit or a CPU-only
                                         torch is an error instead of a skipped build.
@@ -44,7 +44,7 @@ SOURCES = [
     "csrc/cross_bwd.cu",
 ]
 CPU_EXT_NAME = "guidance_kernels._cpu"
-CPU_SOURCES = ["csrc/cpu/module.cpp", "csrc/cpu/gram_shifted.cpp", "csrc/cpu/gram_avx512.cpp", "csrc/cpu/gram_avx2.cpp", "csrc/cpu/gram_stats.cpp", "csrc/cpu/pool.cpp"]
+CPU_SOURCES = ["csrc/cpu/module.cpp", "csrc/cpu/gram_shifted.cpp", "csrc/cpu/gram_avx512.cpp", "csrc/cpu/gram_avx2.cpp", "csrc/cpu/cross_shifted.cpp", "csrc/cpu/gram_stats.cpp", "csrc/cpu/pool.cpp"]
 DEFAULT_ARCHS = "80+PTX;90a"
 
 
@@ -177,7 +177,7 @@ def _cuda_extension():
 
 def _cpu_extension():
     """The CPU extension ``guidance_kernels._cpu`` (C++ files in ``csrc/cpu``, built whenever torch imports at
-    build time; its AVX-512 code is chosen at run time, so it builds on any CPU)."""
+    build time; its AVX-512 / AVX2 code is chosen at run time, so it builds on any CPU)."""
     if _flag("GUIDANCE_KERNELS_SKIP_CPU_BUILD"):
         _log("GUIDANCE_KERNELS_SKIP_CPU_BUILD set: installing without the CPU extension")
         return [], {}

@@ -18,7 +18,8 @@
   of the unshifted activations, ``M @ X`` into a fresh huge-page ``dX``), without the row shift,
   the scale check, centring or the CKA math: the best this design can do on this machine.
 
-Writes a JSON with the machine's CPU, BLAS, threads and load averages.
+Writes a JSON with the machine's CPU, BLAS, threads, the instruction set of the package's CPU
+kernels (``cpu_kernel_isa``: ``avx512``, ``avx2`` or null when the MKL path runs) and load averages.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import time
 import torch
 
 import guidance_kernels as gk
-from guidance_kernels.backends import cpu_pages, cpu_syrk
+from guidance_kernels.backends import cpu_gram, cpu_pages, cpu_syrk
 from guidance_kernels.bench.baselines import paper_loss
 from guidance_kernels.bench.runner import device_name
 from guidance_kernels.bench.timing import measure
@@ -86,6 +87,7 @@ def main():
     rate = 2 * m**3 / t_med(lambda: A @ B, budget)
     out = {"device": device_name(CPU), "blas": "MKL" if "Math Kernel" in torch.__config__.show() else "other",
            "threads": torch.get_num_threads(), "torch": torch.__version__, "gemm_fp32_flops_per_s": rate,
+           "cpu_kernel_isa": cpu_gram.isa(), "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
            "loadavg_before": list(os.getloadavg()), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     print(f"GEMM floor rate {rate / 1e9:.1f} GFLOP/s, load {os.getloadavg()}")
     # debiased CKA first, so that the peak-RSS delta is not hidden by the larger runs below

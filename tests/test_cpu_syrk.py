@@ -49,7 +49,7 @@ def _offset_inputs(dtype):
 @pytest.mark.parametrize("dtype", [F32, F64, torch.bfloat16])
 @pytest.mark.parametrize("sym", [True, False])
 def test_reference_gram_exact_on_offset_data(dtype, sym, monkeypatch):
-    """The MKL paths (the fused AVX-512 kernel is switched off here: tests/test_cpu_gram.py)."""
+    """The MKL paths (the fused AVX-512 / AVX2 kernels are switched off here: tests/test_cpu_gram.py)."""
     monkeypatch.setattr(reference.cpu_gram, "gram_available", lambda x: False)
     if not sym:
         monkeypatch.setattr(cpu_syrk, "available", lambda dtype: False)

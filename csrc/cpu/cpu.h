@@ -16,6 +16,11 @@ void gram_shifted_(const at::Tensor& x, const at::Tensor& out, int64_t kc, int64
 void gram_backward_shifted_(const at::Tensor& m, const at::Tensor& x, const at::Tensor& dx, int64_t kc, int64_t chunks,
                             const std::string& isa);
 
+// cross_shifted.cpp: the feature form's z'ᵀz' (z' = [x' y'], each side padded to 16 features) and
+// the column sums of z'
+void cross_shifted_(const at::Tensor& x, const at::Tensor& y, const at::Tensor& out, const at::Tensor& sums, int64_t kc,
+                    int64_t chunks, const std::string& isa);
+
 // gram_stats.cpp: CKA statistics of stacked fp32 centered Grams (P, n, n) -> (P, 5) fp64, and backward
 void gram_stats_(const at::Tensor& k, const at::Tensor& l, const at::Tensor& out);
 void gram_stats_backward_(const at::Tensor& g, const at::Tensor& k, const at::Tensor& l, const at::Tensor& dk,

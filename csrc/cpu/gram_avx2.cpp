@@ -174,7 +174,24 @@ GK_AVX2 void bwd_tile(const float* A, const float* B, int64_t nj, float* out, in
     }
 }
 
-const GramIsa kTable{"avx2", pack, tiles, MR, W, pack_cols, bwd_tile};
+GK_AVX2 void pack_rows(const float* x, int64_t ldx, int64_t cols, int64_t k0, int64_t kc, int64_t gstride, float* P,
+                       float* sums) {
+  for (int64_t g = 0; g < (cols + 15) / 16; ++g)
+    for (int64_t h = 0; h < 16; h += 8) {
+      const __m256i m = head_mask(cols - 16 * g - h);
+      const __m256 x0 = _mm256_maskload_ps(x + 16 * g + h, m);
+      __m256 s = _mm256_setzero_ps();
+      float* pg = P + g * gstride + h;
+      for (int64_t k = 0; k < kc; ++k) {
+        const __m256 v = _mm256_sub_ps(_mm256_maskload_ps(x + (k0 + k) * ldx + 16 * g + h, m), x0);
+        _mm256_storeu_ps(pg + 16 * k, v);
+        s = _mm256_add_ps(s, v);
+      }
+      _mm256_storeu_ps(sums + 16 * g + h, _mm256_add_ps(_mm256_loadu_ps(sums + 16 * g + h), s));
+    }
+}
+
+const GramIsa kTable{"avx2", pack, tiles, MR, W, pack_cols, bwd_tile, pack_rows};
 
 }  // namespace
 

@@ -139,7 +139,23 @@ GK_AVX512 void bwd_tile(const float* A, const float* B, int64_t nj, float* out, 
     }
 }
 
-const GramIsa kTable{"avx512", pack, tiles, MR, W, pack_cols, bwd_tile};
+GK_AVX512 void pack_rows(const float* x, int64_t ldx, int64_t cols, int64_t k0, int64_t kc, int64_t gstride, float* P,
+                         float* sums) {
+  for (int64_t g = 0; g < (cols + 15) / 16; ++g) {
+    const __mmask16 m = head_mask(cols - 16 * g);
+    const __m512 x0 = _mm512_maskz_loadu_ps(m, x + 16 * g);
+    __m512 s = _mm512_setzero_ps();
+    float* pg = P + g * gstride;
+    for (int64_t k = 0; k < kc; ++k) {
+      const __m512 v = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + (k0 + k) * ldx + 16 * g), x0);
+      _mm512_storeu_ps(pg + 16 * k, v);
+      s = _mm512_add_ps(s, v);
+    }
+    _mm512_storeu_ps(sums + 16 * g, _mm512_add_ps(_mm512_loadu_ps(sums + 16 * g), s));
+  }
+}
+
+const GramIsa kTable{"avx512", pack, tiles, MR, W, pack_cols, bwd_tile, pack_rows};
 
 }  // namespace
 

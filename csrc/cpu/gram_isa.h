@@ -6,9 +6,12 @@
 // Shared layouts. Gram: a block of kc columns of x' = x - 1 x0 is packed into P (groups x kc x
 // 16): P[g][k][r] = x'[16g + r][k0 + k], rows past n zero. Backward dX = M x': A (panels x n x
 // mr) holds M's rows, A[t][j][r] = M[mr t + r][j] (zero past n); B (panels x n x w) holds a block
-// of columns of x', B[c / w][j][c % w] (zero past the block's width).
+// of columns of x', B[c / w][j][c % w] (zero past the block's width). Feature form (S = z'ᵀ z' for
+// z' = [x' y'], cross_shifted.cpp): a block of kc rows of z' is packed into P as 16 features of one
+// row per 64 bytes, P[g][k][c] = z'[k0 + k][16 g + c] (no transpose), and `tiles` computes S.
 #pragma once
 #include <cstdint>
+#include <string>
 
 namespace gk_cpu {
 
@@ -27,7 +30,18 @@ struct GramIsa {
   // panel each; `first`: store, not add; `last`: no later call adds (streaming stores allowed)
   void (*bwd_tile)(const float* A, const float* B, int64_t nj, float* out, int64_t ldo, int64_t rows, int64_t cols,
                    bool first, bool last);
+  // P[g][k][c] <- x'[k0 + k][16 g + c] for k < kc, groups g < ceil(cols / 16) (group stride
+  // gstride floats, columns past cols zero), x' = x - 1 x[0] (row 0 at x, row stride ldx);
+  // sums[16 g + c] += the sum of those kc values (summed in the block first)
+  void (*pack_rows)(const float* x, int64_t ldx, int64_t cols, int64_t k0, int64_t kc, int64_t gstride, float* P,
+                    float* sums);
 };
+
+// gram_shifted.cpp: the table named `isa` ("" or "best": the best this CPU runs; an error that
+// names `fn` and what is available otherwise), and helpers the drivers share
+const GramIsa& pick_isa(const char* fn, const std::string& isa);
+void mirror_upper(float* K, int64_t n);  // K's strict lower triangle <- its upper triangle
+void add_into(float* dst, const float* src, int64_t count);
 
 // the tables, or nullptr where this build or CPU lacks the instruction set
 const GramIsa* avx512_isa();

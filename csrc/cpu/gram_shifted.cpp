@@ -63,18 +63,6 @@ void gram_columns(const GramIsa& isa, const float* x, int64_t ldx, int64_t n, in
   }
 }
 
-// K's strict lower triangle <- its upper triangle, in 16x16 blocks (both blocks stay in L1)
-void mirror_upper(float* K, int64_t n) {
-  for (int64_t i0 = 0; i0 < n; i0 += 16)
-    for (int64_t j0 = i0; j0 < n; j0 += 16)
-      for (int64_t i = i0; i < std::min(i0 + 16, n); ++i)
-        for (int64_t j = std::max(j0, i + 1); j < std::min(j0 + 16, n); ++j) K[j * n + i] = K[i * n + j];
-}
-
-void add_into(float* dst, const float* src, int64_t count) {
-  for (int64_t i = 0; i < count; ++i) dst[i] += src[i];
-}
-
 // A <- M (n, n) in panels of mr rows (gram_isa.h)
 void pack_m(const float* M, int64_t n, int64_t mr, float* A) {
   const int64_t panels = (n + mr - 1) / mr;
@@ -117,9 +105,6 @@ void backward_columns(const GramIsa& isa, const float* A, const float* x, int64_
 #endif
 }
 
-// the table named `isa` ("" or "best": the best this CPU runs); an error names what is available
-const GramIsa& pick(const char* fn, const std::string& isa);
-
 }  // namespace
 
 namespace gk_cpu {
@@ -135,11 +120,19 @@ bool supported() { return !isas().empty(); }
 
 #define GK_CHECK(fn, cond, ...) TORCH_CHECK(cond, "guidance_kernels._cpu.", fn, ": ", __VA_ARGS__)
 
-}  // namespace gk_cpu
+// K's strict lower triangle <- its upper triangle, in 16x16 blocks (both blocks stay in L1)
+void mirror_upper(float* K, int64_t n) {
+  for (int64_t i0 = 0; i0 < n; i0 += 16)
+    for (int64_t j0 = i0; j0 < n; j0 += 16)
+      for (int64_t i = i0; i < std::min(i0 + 16, n); ++i)
+        for (int64_t j = std::max(j0, i + 1); j < std::min(j0 + 16, n); ++j) K[j * n + i] = K[i * n + j];
+}
 
-namespace {
+void add_into(float* dst, const float* src, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) dst[i] += src[i];
+}
 
-const GramIsa& pick(const char* fn, const std::string& isa) {
+const GramIsa& pick_isa(const char* fn, const std::string& isa) {
   for (const GramIsa* t : {gk_cpu::avx512_isa(), gk_cpu::avx2_isa()})
     if (t != nullptr && (isa.empty() || isa == "best" || isa == t->name)) return *t;
   std::string have;
@@ -150,12 +143,16 @@ const GramIsa& pick(const char* fn, const std::string& isa) {
   return *gk_cpu::avx2_isa();  // unreachable
 }
 
+}  // namespace gk_cpu
+
+namespace {
+
 // the checks both entry points share: x (n, p) and the blocking arguments; the table to use
 const GramIsa& check_common(const char* fn, const Tensor& x, int64_t kc, int64_t chunks, const std::string& isa) {
   GK_CHECK(fn, x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu(), "x must be a 2-D float32 CPU tensor");
   GK_CHECK(fn, x.stride(1) == 1 || x.size(1) <= 1, "x must have unit column stride, got strides ", x.strides());
   GK_CHECK(fn, kc >= 1 && chunks >= 1, "kc and chunks must be positive");
-  return pick(fn, isa);
+  return gk_cpu::pick_isa(fn, isa);
 }
 
 }  // namespace
@@ -200,9 +197,9 @@ void gram_shifted_(const Tensor& x, const Tensor& out, int64_t kc, int64_t chunk
         gram_columns(t, xp, ldx, n, std::min(p, c * step), std::min(p, (c + 1) * step), kc, dst, ranges.data() + 2 * c);
       }
     });
-    for (auto& v : priv) add_into(K, v.data(), n * n);
+    for (auto& v : priv) gk_cpu::add_into(K, v.data(), n * n);
   }
-  mirror_upper(K, n);
+  gk_cpu::mirror_upper(K, n);
   for (int64_t c = 0; c < chunks; ++c) {
     lohi[0] = std::min(lohi[0], ranges[2 * c]);
     lohi[1] = std::max(lohi[1], ranges[2 * c + 1]);

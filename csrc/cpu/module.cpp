@@ -16,6 +16,10 @@ PYBIND11_MODULE(_cpu, m) {
         "('' = the best)");
   m.def("gram_backward_shifted_", &gram_backward_shifted_, py::arg("m"), py::arg("x"), py::arg("dx"), py::arg("kc"),
         py::arg("chunks"), py::arg("isa") = "", "dx (n, p) <- m (x - 1 x[0]), fp32; isa: one of isas() ('' = the best)");
+  m.def("cross_shifted_", &cross_shifted_, py::arg("x"), py::arg("y"), py::arg("out"), py::arg("sums"), py::arg("kc"),
+        py::arg("chunks"), py::arg("isa") = "",
+        "out (m, m) <- z'ᵀz', sums (m) <- column sums of z' = [x - 1 x[0]  y - 1 y[0]] with each side padded to a "
+        "multiple of 16 features (m = 16 (ceil(p / 16) + ceil(q / 16))), fp32");
   m.def("gram_stats_", &gram_stats_, py::arg("k"), py::arg("l"), py::arg("out"),
         "out (P, 5) fp64 <- (sum K*L, sum K*K, sum L*L, tr K, tr L) of fp32 k, l (P, n, n)");
   m.def("gram_stats_backward_", &gram_stats_backward_, py::arg("g"), py::arg("k"), py::arg("l"), py::arg("dk"),

@@ -3,7 +3,9 @@
 AVX-512 or AVX2 + FMA, the best the CPU runs: :func:`isa`): the shift is fused into the packing
 of each product, the Gram computes one triangle of 16x16 tiles, the backward writes ``dX`` with
 streaming stores, and threads split the columns. They replace "shift a column block into a buffer, then MKL ``?syrk``
-/ GEMM" (:mod:`.reference`), which reads every activation twice.
+/ GEMM" (:mod:`.reference`), which reads every activation twice. The feature form's ``z'ᵀz'``
+(``z' = [x' y']``, ``csrc/cpu/cross_shifted.cpp``) uses the same tiles on rows packed without a
+transpose: :func:`cross_`.
 
 Used when the extension is built, the CPU has AVX-512 or AVX2 + FMA, the kernels matched float64 on a small
 case at first use, and the input is fp32 with unit column stride and ``n <= MAX_N``; the Gram
@@ -21,11 +23,12 @@ import threading
 import torch
 from torch import Tensor
 
-__all__ = ["KC", "KC_BWD", "MAX_N", "PRIVATE_BYTES", "extension", "isa", "available", "gram_available", "gram_",
-           "gram_backward_", "recording_ranges", "key"]
+__all__ = ["KC", "KC_BWD", "KC_CROSS", "MAX_N", "PRIVATE_BYTES", "extension", "isa", "available", "gram_available",
+           "gram_", "gram_backward_", "cross_available", "cross_", "recording_ranges", "key"]
 
 KC = 384  # columns per packed block: 24 KiB per 16-row group; 256..384 measured best (L1 48 KiB)
 KC_BWD = 512  # columns of x' packed per pass of the backward (512 KiB at n = 256: L2)
+KC_CROSS = 384  # rows of z' packed per block of the feature form (96..768 within noise on Zen 3)
 MAX_N = 2048  # largest n of both kernels
 PRIVATE_BYTES = 64 << 20  # the Gram's private n² fp32 per extra thread, all threads together
 
@@ -58,7 +61,13 @@ def _module():
     dx = torch.full((37, 70), float("nan"))
     _cpu.gram_backward_shifted_(m, x, dx, 32, 2)
     dwant = m.double() @ xd
-    ok = all(bool(((a.double() - b).abs() <= 1e-5 * b.abs().max()).all()) for a, b in ((got, want), (dx, dwant)))
+    a, b = x.T.contiguous(), m[:, :19].contiguous().repeat(2, 1)[:70]  # the feature form: n = 70, p = 37, q = 19
+    s, sums = torch.full((80, 80), float("nan")), torch.full((80,), float("nan"))
+    _cpu.cross_shifted_(a, b, s, sums, 8, 2)
+    z = torch.zeros(70, 80, dtype=torch.float64)
+    z[:, :37], z[:, 48:67] = a.double() - a[:1].double(), b.double() - b[:1].double()
+    pairs = ((got, want), (dx, dwant), (s, z.T @ z), (sums, z.sum(0)))
+    ok = all(bool(((u.double() - v).abs() <= 1e-5 * v.abs().max()).all()) for u, v in pairs)
     if not ok or not torch.equal(rng, torch.stack(torch.aminmax(x))):
         return None  # never use a kernel that disagrees with the reference
     return _cpu
@@ -67,6 +76,39 @@ def _module():
 def isa() -> str | None:
     """The instruction set of the kernels in use (``"avx512"`` or ``"avx2"``), None when unused."""
     return None if _module() is None else _module().isas()[0]
+
+
+def _padded(cols: int) -> int:
+    return 16 * -(-cols // 16)
+
+
+def cross_available(x: Tensor, y: Tensor) -> bool:
+    """Whether :func:`cross_` runs for the pair ``x`` (n, p), ``y`` (n, q): both fp32 CPU tensors
+    with unit column stride, and the extra threads' private ``m x m`` products (``m``: the padded
+    ``p + q``) fit in ``PRIVATE_BYTES`` (beyond that, MKL's ``?syrk`` shares one output)."""
+    m = _padded(x.shape[-1]) + _padded(y.shape[-1])
+    return (
+        x.device.type == y.device.type == "cpu"
+        and x.dtype == y.dtype == torch.float32
+        and x.dim() == y.dim() == 2
+        and x.shape[0] == y.shape[0]
+        and all(t.stride(1) == 1 or t.shape[1] <= 1 for t in (x, y))
+        and 4 * m * m * (torch.get_num_threads() - 1) <= PRIVATE_BYTES
+        and _module() is not None
+    )
+
+
+def cross_(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, int]:
+    """``(S, sums, off)`` for ``x`` (n, p), ``y`` (n, q) (:func:`cross_available` must hold):
+    ``S`` (m, m, fp32) ``= z'ᵀz'`` and ``sums`` (m, fp32) its column sums, ``z' = [x' y']`` with
+    each side's features padded with zeros to a multiple of 16; ``y``'s features start at
+    ``off``, so ``S[:p, :p] = x'ᵀx'``, ``S[off:off + q, off:off + q] = y'ᵀy'`` and
+    ``S[:p, off:off + q] = x'ᵀy'``."""
+    off = _padded(x.shape[1])
+    m = off + _padded(y.shape[1])
+    s, sums = torch.empty(m, m), torch.empty(m)
+    _module().cross_shifted_(x, y, s, sums, KC_CROSS, torch.get_num_threads())
+    return s, sums, off
 
 
 def available(x: Tensor) -> bool:

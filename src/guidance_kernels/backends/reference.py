@@ -4,7 +4,7 @@ Exact math on the row-shifted activation ``x' = x - 1 x[0]`` (see the contract i
 :mod:`guidance_kernels.backends`), with fp32 accumulation for fp16/bf16 inputs. Activations are
 processed one column (or row) block at a time: the shift and the upcast go into one reused,
 cache-sized buffer per call, never a copy of a whole activation. On CPU, fp32 Grams and their
-backward use the AVX-512 kernels of :mod:`.cpu_gram` (shift fused into the product) when built,
+backward use the AVX-512 / AVX2 kernels of :mod:`.cpu_gram` (shift fused into the product) when built,
 else the symmetric rank-k update of :mod:`.cpu_syrk` (half the multiply-adds) when MKL provides
 it, else GEMMs; every product writes straight into its slice of the result (a stacked ``(L, n, n)``
 table, or ``dX``'s columns, whose blocks come from the block cache of :mod:`.cpu_pages`).
@@ -158,11 +158,20 @@ def add_zz_(full: Tensor, z: Tensor, first: bool, sym: bool) -> None:
 
 def cross(xs: list[Tensor], ys: list[Tensor]):
     """Per pair, ``S = z'ᵀ z'`` for ``z' = [x' y']`` (one symmetric product: ``x'ᵀx'``, ``y'ᵀy'``
-    and ``x'ᵀy'`` are its blocks), accumulated over row blocks; one ``?syrk`` per block on CPU."""
+    and ``x'ᵀy'`` are its blocks), accumulated over row blocks; on CPU, fp32 pairs go through the
+    fused kernel of :mod:`.cpu_gram`, others one ``?syrk`` per block."""
     aa, bb, cc, sx, sy = [], [], [], [], []
     for x, y in zip(xs, ys):
         acc = acc_dtype(x.dtype)
         p, q = x.shape[1], y.shape[1]
+        if cpu_gram.cross_available(x, y):  # the shift fused into the packing, one triangle of tiles
+            full, sums, o = cpu_gram.cross_(x, y)
+            aa.append(full[:p, :p])
+            bb.append(full[o : o + q, o : o + q])
+            cc.append(full[:p, o : o + q])
+            sx.append(sums[:p])
+            sy.append(sums[o : o + q])
+            continue
         sym = symmetric_cpu(x, acc)
         blocks, buf = _pair_blocks(x, y, acc, _SYRK_BLOCK_ELEMS if sym else _BLOCK_ELEMS)
         full = x.new_zeros((p + q, p + q), dtype=acc)

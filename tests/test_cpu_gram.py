@@ -131,6 +131,17 @@ def test_many_threads_and_large_n_leave_the_gram_to_mkl(monkeypatch):
     assert_entrywise(k, xs @ xs.T, abs_product(xs, xs.T), k=300)
 
 
+def test_check_command_names_the_kernels_in_use():
+    from typer.testing import CliRunner
+
+    from guidance_kernels.cli import app
+
+    out = CliRunner().invoke(app, ["check", "--n", "16"])
+    assert out.exit_code == 0, out.output
+    want = f"CPU kernels: {cpu_gram.isa()}" if cpu_gram.isa() else "CPU kernels: not in use"
+    assert want in out.output
+
+
 def test_env_switch_disables_the_kernel():
     code = "import torch; from guidance_kernels.backends import cpu_gram; print(cpu_gram.available(torch.ones(4, 4)))"
     env = {**__import__("os").environ, "GK_NO_CPU_KERNEL": "1"}

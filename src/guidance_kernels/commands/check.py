@@ -65,6 +65,13 @@ def command(
             row.append(f"{got:.6f}")
         table.add_row(*row)
     console.print(table)
+    if dev.type == "cpu":
+        from guidance_kernels.backends import cpu_gram
+
+        isa = cpu_gram.isa()
+        console.print(f"CPU kernels: {isa} (guidance_kernels._cpu)" if isa else
+                      "CPU kernels: not in use (extension not built, no AVX-512 / AVX2, or GK_NO_CPU_KERNEL set); "
+                      "MKL computes the products")
     ok = worst <= tol
     console.print(f"max |backend - fp64| = {worst:.2e} (fp32 bound {tol:.1e}): " + ("[green]OK[/green]" if ok else "[red]MISMATCH[/red]"))
     if not ok:

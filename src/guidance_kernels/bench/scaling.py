@@ -126,7 +126,13 @@ def _meta(device, dtype, quick, backend, rate) -> dict:
     cfg = torch.__config__.show()
     blas = "MKL" if "Math Kernel Library" in cfg else ("OpenBLAS" if "openblas" in cfg.lower() else "unknown")
     load = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    return {"part": "scaling", "device": device_name(device), "blas": blas, "dtype": str(dtype).replace("torch.", ""),
+    kernels = None
+    if device.type == "cpu":
+        from guidance_kernels.backends import cpu_gram
+
+        kernels = cpu_gram.isa()  # the CPU extension's instruction set, None: MKL computes the products
+    return {"part": "scaling", "device": device_name(device), "blas": blas, "cpu_kernel_isa": kernels,
+            "dtype": str(dtype).replace("torch.", ""),
             "quick": quick, "backend": backend, "torch": torch.__version__, "gemm_fp32_flops_per_s": rate,
             "loadavg": load, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "sweeps": SWEEPS[quick]}
 
@@ -157,7 +163,8 @@ def plot_scaling(result: dict):
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     load = m.get("loadavg")
-    fig.suptitle(f"{m['device']} · {m['blas']} · {m['dtype']} · floor {m['gemm_fp32_flops_per_s'] / 1e9:.0f} GFLOP/s"
+    isa = f" · kernels {m['cpu_kernel_isa']}" if m.get("cpu_kernel_isa") else ""
+    fig.suptitle(f"{m['device']} · {m['blas']}{isa} · {m['dtype']} · floor {m['gemm_fp32_flops_per_s'] / 1e9:.0f} GFLOP/s"
                  + (f" · load {load[0]:.1f}" if load else ""), fontsize=9)
     fig.tight_layout()
     return fig

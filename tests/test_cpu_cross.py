@@ -1,6 +1,6 @@
 """The fused feature-form product ``S = z'ᵀz'`` (``z' = [x' y']``, csrc/cpu/cross_shifted.cpp via
 backends/cpu_gram.py) and its column sums against float64, for every instruction set this CPU
-runs: feature groups with tails on both sides, row blocks and thread chunks of every kind,
+runs (and, with random shapes, the Gram and its backward): feature groups with tails on both sides, row blocks and thread chunks of every kind,
 strided input, offset data, a NaN-poisoned output (the padding must come out exactly zero); its
 use by the reference backend's ``cross`` and by the feature-form loss. Skipped (with the reason)
 where the extension is not built or the CPU has neither AVX-512 nor AVX2: the MKL path it
@@ -8,6 +8,8 @@ replaces is tested in tests/test_cpu_syrk.py."""
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import guidance_kernels as gk
 from guidance_kernels.backends import cpu_gram, reference
@@ -136,3 +138,26 @@ def test_feature_form_loss_and_gradient_match_fp64(monkeypatch):
     assert abs(float(got.detach()) - float(want.detach())) <= bound(F32, k) * max(1.0, abs(float(want.detach())))
     for a, b in zip(xs, xd):
         assert rel(a.grad, b.grad) <= bound(F32, k, c=64)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(n=st.integers(0, 70), p=st.integers(1, 40), q=st.integers(1, 40), kc=st.integers(1, 50), chunks=st.integers(1, 4),
+       offset=st.sampled_from([0.0, -7.0, 3e3]), seed=st.integers(0, 2**16))
+def test_random_shapes_gram_backward_and_cross(isa, n, p, q, kc, chunks, offset, seed):
+    """Every kernel of the table on random shapes and blockings (n = 0 and 1 included for the
+    feature form; the Gram and backward need n >= 1)."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(n, p, generator=g, dtype=F64) + offset).float()
+    y = (torch.randn(n, q, generator=g, dtype=F64) - offset).float()
+    _check(x, y, kc, chunks, isa)
+    if n == 0:
+        return
+    k = cpu_gram._module()
+    xs = x.double() - x[:1].double()
+    got = torch.full((n, n), float("nan"))
+    k.gram_shifted_(x, got, kc, chunks, torch.empty(0), isa)
+    assert_entrywise(got, xs @ xs.T, abs_product(xs, xs.T), k=p, msg=f"gram {isa} n={n} p={p} kc={kc}")
+    m = torch.randn(n, n, generator=g)
+    dx = torch.full((n, p), float("nan"))
+    k.gram_backward_shifted_(m, x, dx, kc, chunks, isa)
+    assert_entrywise(dx, m.double() @ xs, abs_product(m, xs), k=n, msg=f"backward {isa} n={n} p={p} kc={kc}")

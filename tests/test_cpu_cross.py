@@ -1,5 +1,5 @@
 """The fused feature-form product ``S = z'ᵀz'`` (``z' = [x' y']``, csrc/cpu/cross_shifted.cpp via
-backends/cpu_gram.py) and its column sums against float64, for every instruction set this CPU
+backends/cpu_gram.py), its column sums and its backward ``[x' y'] w + 1 vᵀ`` against float64, for every instruction set this CPU
 runs (and, with random shapes, the Gram and its backward): feature groups with tails on both sides, row blocks and thread chunks of every kind,
 strided input, offset data, a NaN-poisoned output (the padding must come out exactly zero); its
 use by the reference backend's ``cross`` and by the feature-form loss. Skipped (with the reason)
@@ -161,3 +161,60 @@ def test_random_shapes_gram_backward_and_cross(isa, n, p, q, kc, chunks, offset,
     dx = torch.full((n, p), float("nan"))
     k.gram_backward_shifted_(m, x, dx, kc, chunks, isa)
     assert_entrywise(dx, m.double() @ xs, abs_product(m, xs), k=n, msg=f"backward {isa} n={n} p={p} kc={kc}")
+    _check_backward(x, y, chunks, isa, g)
+
+
+def _check_backward(x, y, chunks, isa, g):
+    n, p, q = x.shape[0], x.shape[1], y.shape[1]
+    w, v = torch.randn(p + q, p, generator=g), torch.randn(p, generator=g)
+    dx = torch.full((n, p), float("nan"))  # poison
+    cpu_gram._module().cross_backward_shifted_(x, y, w, v, dx, chunks, isa)
+    z = torch.cat([x.double() - x[:1].double(), y.double() - y[:1].double(), torch.ones(n, 1, dtype=F64)], 1)
+    wv = torch.cat([w.double(), v.double()[None]])
+    assert_entrywise(dx, z @ wv, abs_product(z, wv), k=p + q + 1, msg=f"isa={isa} n={n} p={p} q={q} chunks={chunks}")
+
+
+@pytest.mark.parametrize("n", [1, 5, 6, 7, 8, 9, 17, 300])
+@pytest.mark.parametrize("p, q", [(1, 1), (15, 2), (16, 16), (17, 5), (47, 48), (49, 3)])
+def test_backward_matches_fp64_on_offset_data(n, p, q, isa):
+    """``dx = [x' y'] w + 1 vᵀ`` over edge row panels (n not a multiple of the tile's 8 / 6 rows),
+    column tails (p not a multiple of its 48 / 16 columns) and thread chunks."""
+    g = torch.Generator().manual_seed(n * 1000 + p * 10 + q + 7)
+    x = (torch.randn(n, p, generator=g, dtype=F64) * 0.5 + 3e3).float()
+    y = (torch.randn(n, q, generator=g, dtype=F64) * 2 - 40).float()
+    for chunks in (1, 2, 5):
+        _check_backward(x, y, chunks, isa, g)
+
+
+def test_backward_strided_and_bad_arguments(isa):
+    g = torch.Generator().manual_seed(8)
+    big = torch.randn(300, 90, generator=g) + 5.0
+    _check_backward(big[:, 3:40], big[:, 50:90], 2, isa, g)
+    k = cpu_gram._module()
+    x, y, dx = torch.randn(6, 3), torch.randn(6, 4), torch.empty(6, 3)
+    with pytest.raises(RuntimeError, match=r"cross_backward_shifted_: w must be .* shape \(7, 3\)"):
+        k.cross_backward_shifted_(x, y, torch.empty(3, 7), torch.empty(3), dx, 1, isa)
+    with pytest.raises(RuntimeError, match=r"cross_backward_shifted_: v must be .* shape \(3\)"):
+        k.cross_backward_shifted_(x, y, torch.empty(7, 3), torch.empty(4), dx, 1, isa)
+    with pytest.raises(RuntimeError, match=r"cross_backward_shifted_: dx must be .* \(6, 3\)"):
+        k.cross_backward_shifted_(x, y, torch.empty(7, 3), torch.empty(3), torch.empty(3, 6).T, 1, isa)
+
+
+@pytest.mark.skipif(cpu_gram._module() is None, reason="guidance_kernels._cpu not built, no AVX-512 / AVX2, or GK_NO_CPU_KERNEL set")
+def test_reference_cross_backward_uses_it_for_fp32_pairs(monkeypatch):
+    calls = []
+    real = cpu_gram.cross_backward_
+    monkeypatch.setattr(cpu_gram, "cross_backward_", lambda *a: calls.append(a[1].dtype) or real(*a))
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(200, 21, generator=g) + 30.0
+    y = torch.randn(200, 13, generator=g) - 2.0
+    m, nm, v = torch.randn(21, 21, generator=g), torch.randn(13, 21, generator=g), torch.randn(21, generator=g)
+    for dtype in (F32, F64, torch.bfloat16):
+        xa, ya = x.to(dtype), y.to(dtype)
+        acc = F64 if dtype == F64 else F32
+        dx = reference.cross_backward([xa], [m.to(acc)], [ya], [nm.to(acc)], [v.to(acc)])[0]
+        assert dx.dtype == dtype
+        z = torch.cat([xa.double() - xa[:1].double(), ya.double() - ya[:1].double(), torch.ones(200, 1, dtype=F64)], 1)
+        wv = torch.cat([m.to(acc).double(), nm.to(acc).double(), v.to(acc).double()[None]])
+        assert_entrywise(dx, z @ wv, abs_product(z, wv), k=35, input_dtype=dtype, acc_dtype=acc)
+    assert calls == [F32]

@@ -20,6 +20,9 @@ void gram_backward_shifted_(const at::Tensor& m, const at::Tensor& x, const at::
 // the column sums of z'
 void cross_shifted_(const at::Tensor& x, const at::Tensor& y, const at::Tensor& out, const at::Tensor& sums, int64_t kc,
                     int64_t chunks, const std::string& isa);
+// and its backward dx = [x' y'] w + 1 vᵀ
+void cross_backward_shifted_(const at::Tensor& x, const at::Tensor& y, const at::Tensor& w, const at::Tensor& v,
+                             const at::Tensor& dx, int64_t chunks, const std::string& isa);
 
 // gram_stats.cpp: CKA statistics of stacked fp32 centered Grams (P, n, n) -> (P, 5) fp64, and backward
 void gram_stats_(const at::Tensor& k, const at::Tensor& l, const at::Tensor& out);

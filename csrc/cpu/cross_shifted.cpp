@@ -10,6 +10,11 @@
 // multiply-adds of a general product). Threads split the rows (samples), each into a private S,
 // summed at the end in thread order; S is then mirrored. The packing sums each block's rows
 // before adding them to the column sums.
+//
+// Backward dX = z' w + 1 vᵀ (w: (p + q, p), v: (p)): the bias as one more feature (1 in z', v in
+// w), w packed once into panels of the table's w columns, each panel of mr rows of z' packed
+// (shifted) into mr x (p + q + 1) (L1), and the table's backward tiles write dX's rows with
+// streaming stores (the shifted z' is never written out). Threads split the rows.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 
@@ -20,6 +25,13 @@
 
 #include "cpu.h"
 #include "gram_isa.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define GK_SFENCE() _mm_sfence()
+#else
+#define GK_SFENCE()
+#endif
 
 namespace {
 
@@ -45,6 +57,24 @@ void cross_rows(const GramIsa& t, const float* x, int64_t ldx, int64_t p, const 
     t.pack_rows(x, ldx, p, k0, w, 16 * w, P.data(), sums);
     t.pack_rows(y, ldy, q, k0, w, 16 * w, P.data() + gx * 16 * w, sums + 16 * gx);
     t.tiles(P.data(), w, groups, m, S, k0 == r0);
+  }
+}
+
+// A (nj x mr, A[f][r]) <- rows i0 .. i0 + mr of [x' y' 1] (zero past n)
+void pack_panel(const float* x, int64_t ldx, int64_t p, const float* y, int64_t ldy, int64_t q, int64_t n, int64_t i0,
+                int64_t mr, float* A) {
+  const int64_t nj = p + q + 1;
+  for (int64_t r = 0; r < mr; ++r) {
+    const int64_t row = i0 + r;
+    if (row >= n) {
+      for (int64_t f = 0; f < nj; ++f) A[f * mr + r] = 0.0f;
+      continue;
+    }
+    const float* xr = x + row * ldx;
+    const float* yr = y + row * ldy;
+    for (int64_t f = 0; f < p; ++f) A[f * mr + r] = xr[f] - x[f];
+    for (int64_t f = 0; f < q; ++f) A[(p + f) * mr + r] = yr[f] - y[f];
+    A[(p + q) * mr + r] = 1.0f;
   }
 }
 
@@ -101,6 +131,58 @@ void cross_shifted_(const Tensor& x, const Tensor& y, const Tensor& out, const T
     add_into(sp, v.data() + m * m, m);
   }
   mirror_upper(S, m);
+}
+
+#undef GK_CHECK
+#define GK_CHECK(cond, ...) TORCH_CHECK(cond, "guidance_kernels._cpu.cross_backward_shifted_: ", __VA_ARGS__)
+
+// dx (n, p) fp32, unit column stride <- [x' y'] w + 1 vᵀ for x (n, p), y (n, q) fp32 with unit
+// column stride, w (p + q, p) and v (p) contiguous fp32; rows split over at most `chunks` threads.
+void cross_backward_shifted_(const Tensor& x, const Tensor& y, const Tensor& w, const Tensor& v, const Tensor& dx,
+                             int64_t chunks, const std::string& isa) {
+  check_side(x, "x");
+  check_side(y, "y");
+  const int64_t n = x.size(0), p = x.size(1), q = y.size(1), nj = p + q + 1;
+  GK_CHECK(y.size(0) == n, "x has ", n, " rows but y has ", y.size(0));
+  GK_CHECK(chunks >= 1, "chunks must be positive");
+  GK_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() && w.dim() == 2 && w.size(0) == p + q && w.size(1) == p &&
+               w.device().is_cpu(),
+           "w must be a contiguous float32 CPU tensor of shape (", p + q, ", ", p, ")");
+  GK_CHECK(v.scalar_type() == at::kFloat && v.is_contiguous() && v.dim() == 1 && v.size(0) == p && v.device().is_cpu(),
+           "v must be a contiguous float32 CPU tensor of shape (", p, ")");
+  GK_CHECK(dx.scalar_type() == at::kFloat && dx.dim() == 2 && dx.size(0) == n && dx.size(1) == p &&
+               (dx.stride(1) == 1 || p <= 1) && dx.device().is_cpu(),
+           "dx must be a float32 CPU tensor of shape (", n, ", ", p, ") with unit column stride");
+  const GramIsa& t = pick_isa("cross_backward_shifted_", isa);
+  if (n == 0 || p == 0) return;
+  const int64_t MR = t.mr, W = t.w, cpanels = (p + W - 1) / W;
+  // B[cp][f][c] = w[f][cp W + c], and v as feature p + q (zero past p)
+  std::vector<float> B(static_cast<size_t>(cpanels * nj * W), 0.0f);
+  const float* wp = w.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  for (int64_t cp = 0; cp < cpanels; ++cp)
+    for (int64_t f = 0; f < nj; ++f)
+      for (int64_t c = 0; c < W && cp * W + c < p; ++c)
+        B[(cp * nj + f) * W + c] = f < p + q ? wp[f * p + cp * W + c] : vp[cp * W + c];
+  const float* xp = x.data_ptr<float>();
+  const float* yp = y.data_ptr<float>();
+  float* dp = dx.data_ptr<float>();
+  const int64_t ldd = dx.stride(0), panels = (n + MR - 1) / MR;
+  chunks = std::max<int64_t>(1, std::min(chunks, panels));
+  const int64_t step = (panels + chunks - 1) / chunks;
+  at::parallel_for(0, chunks, 1, [&](int64_t a, int64_t b) {
+    std::vector<float> A(static_cast<size_t>(nj * MR));
+    for (int64_t c = a; c < b; ++c) {
+      for (int64_t tp = c * step; tp < std::min(panels, (c + 1) * step); ++tp) {
+        const int64_t i0 = tp * MR;
+        pack_panel(xp, x.stride(0), p, yp, y.stride(0), q, n, i0, MR, A.data());
+        for (int64_t cp = 0; cp < cpanels; ++cp)
+          t.bwd_tile(A.data(), B.data() + cp * nj * W, nj, dp + i0 * ldd + cp * W, ldd, std::min(MR, n - i0),
+                     std::min(W, p - cp * W), true, true);
+      }
+      GK_SFENCE();  // the streaming stores are visible before the thread returns
+    }
+  });
 }
 
 }  // namespace gk_cpu

@@ -20,6 +20,9 @@ PYBIND11_MODULE(_cpu, m) {
         py::arg("chunks"), py::arg("isa") = "",
         "out (m, m) <- z'ᵀz', sums (m) <- column sums of z' = [x - 1 x[0]  y - 1 y[0]] with each side padded to a "
         "multiple of 16 features (m = 16 (ceil(p / 16) + ceil(q / 16))), fp32");
+  m.def("cross_backward_shifted_", &cross_backward_shifted_, py::arg("x"), py::arg("y"), py::arg("w"), py::arg("v"),
+        py::arg("dx"), py::arg("chunks"), py::arg("isa") = "",
+        "dx (n, p) <- [x - 1 x[0]  y - 1 y[0]] w + 1 vᵀ for w (p + q, p), v (p), fp32");
   m.def("gram_stats_", &gram_stats_, py::arg("k"), py::arg("l"), py::arg("out"),
         "out (P, 5) fp64 <- (sum K*L, sum K*K, sum L*L, tr K, tr L) of fp32 k, l (P, n, n)");
   m.def("gram_stats_backward_", &gram_stats_backward_, py::arg("g"), py::arg("k"), py::arg("l"), py::arg("dk"),

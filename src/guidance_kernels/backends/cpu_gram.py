@@ -5,7 +5,7 @@ of each product, the Gram computes one triangle of 16x16 tiles, the backward wri
 streaming stores, and threads split the columns. They replace "shift a column block into a buffer, then MKL ``?syrk``
 / GEMM" (:mod:`.reference`), which reads every activation twice. The feature form's ``z'ᵀz'``
 (``z' = [x' y']``, ``csrc/cpu/cross_shifted.cpp``) uses the same tiles on rows packed without a
-transpose: :func:`cross_`.
+transpose: :func:`cross_`, and its backward ``[x' y'] w + 1 vᵀ``: :func:`cross_backward_`.
 
 Used when the extension is built, the CPU has AVX-512 or AVX2 + FMA, the kernels matched float64 on a small
 case at first use, and the input is fp32 with unit column stride and ``n <= MAX_N``; the Gram
@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["KC", "KC_BWD", "KC_CROSS", "MAX_N", "PRIVATE_BYTES", "extension", "isa", "available", "gram_available",
-           "gram_", "gram_backward_", "cross_available", "cross_", "recording_ranges", "key"]
+           "gram_", "gram_backward_", "cross_available", "cross_", "cross_backward_", "recording_ranges", "key"]
 
 KC = 384  # columns per packed block: 24 KiB per 16-row group; 256..384 measured best (L1 48 KiB)
 KC_BWD = 512  # columns of x' packed per pass of the backward (512 KiB at n = 256: L2)
@@ -51,7 +51,7 @@ def _module():
     _cpu = extension()
     if _cpu is None or not _cpu.supported():
         return None
-    # a case with edge groups (n = 37), several column blocks (kc = 16) and two chunks
+    # every kernel on a small case with edge groups (n = 37), several blocks and two chunks
     x = torch.arange(37 * 70, dtype=torch.float32).reshape(37, 70).sin().add_(3.0)
     got, rng = torch.full((37, 37), float("nan")), torch.empty(2)
     _cpu.gram_shifted_(x, got, 16, 2, rng)
@@ -66,7 +66,11 @@ def _module():
     _cpu.cross_shifted_(a, b, s, sums, 8, 2)
     z = torch.zeros(70, 80, dtype=torch.float64)
     z[:, :37], z[:, 48:67] = a.double() - a[:1].double(), b.double() - b[:1].double()
-    pairs = ((got, want), (dx, dwant), (s, z.T @ z), (sums, z.sum(0)))
+    w = torch.arange(56 * 37, dtype=torch.float32).reshape(56, 37).mul_(0.1).sin_()
+    bias, dxc = m[0].contiguous(), torch.full((70, 37), float("nan"))
+    _cpu.cross_backward_shifted_(a, b, w, bias, dxc, 2)
+    zw = torch.cat([z[:, :37], z[:, 48:67]], 1) @ w.double() + bias.double()
+    pairs = ((got, want), (dx, dwant), (s, z.T @ z), (sums, z.sum(0)), (dxc, zw))
     ok = all(bool(((u.double() - v).abs() <= 1e-5 * v.abs().max()).all()) for u, v in pairs)
     if not ok or not torch.equal(rng, torch.stack(torch.aminmax(x))):
         return None  # never use a kernel that disagrees with the reference
@@ -82,10 +86,11 @@ def _padded(cols: int) -> int:
     return 16 * -(-cols // 16)
 
 
-def cross_available(x: Tensor, y: Tensor) -> bool:
-    """Whether :func:`cross_` runs for the pair ``x`` (n, p), ``y`` (n, q): both fp32 CPU tensors
-    with unit column stride, and the extra threads' private ``m x m`` products (``m``: the padded
-    ``p + q``) fit in ``PRIVATE_BYTES`` (beyond that, MKL's ``?syrk`` shares one output)."""
+def cross_available(x: Tensor, y: Tensor, backward: bool = False) -> bool:
+    """Whether :func:`cross_` (or, with ``backward``, :func:`cross_backward_`) runs for the pair
+    ``x`` (n, p), ``y`` (n, q): both fp32 CPU tensors with unit column stride, and for the
+    forward, the extra threads' private ``m x m`` products (``m``: the padded ``p + q``) fit in
+    ``PRIVATE_BYTES`` (beyond that, MKL's ``?syrk`` shares one output)."""
     m = _padded(x.shape[-1]) + _padded(y.shape[-1])
     return (
         x.device.type == y.device.type == "cpu"
@@ -93,7 +98,7 @@ def cross_available(x: Tensor, y: Tensor) -> bool:
         and x.dim() == y.dim() == 2
         and x.shape[0] == y.shape[0]
         and all(t.stride(1) == 1 or t.shape[1] <= 1 for t in (x, y))
-        and 4 * m * m * (torch.get_num_threads() - 1) <= PRIVATE_BYTES
+        and (backward or 4 * m * m * (torch.get_num_threads() - 1) <= PRIVATE_BYTES)
         and _module() is not None
     )
 
@@ -109,6 +114,13 @@ def cross_(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, int]:
     s, sums = torch.empty(m, m), torch.empty(m)
     _module().cross_shifted_(x, y, s, sums, KC_CROSS, torch.get_num_threads())
     return s, sums, off
+
+
+def cross_backward_(dx: Tensor, x: Tensor, y: Tensor, w: Tensor, v: Tensor) -> Tensor:
+    """``dx`` (n, p, fp32, unit column stride) <- ``[x' y'] w + 1 vᵀ`` for ``w`` (p + q, p) and ``v``
+    (p), contiguous fp32; ``cross_available(x, y, backward=True)`` must hold."""
+    _module().cross_backward_shifted_(x, y, w, v, dx, torch.get_num_threads())
+    return dx
 
 
 def available(x: Tensor) -> bool:

@@ -191,14 +191,18 @@ def cross(xs: list[Tensor], ys: list[Tensor]):
 
 
 def cross_backward(xs, ms, ys, ns, vs) -> list[Tensor]:
-    """``dx = [x' y'] [m; nm] + v``: one GEMM per row block (inner size ``p + q``), written
-    straight into ``dx``'s rows."""
+    """``dx = [x' y'] [m; nm] + v``: on CPU, fp32 pairs through the fused kernel of
+    :mod:`.cpu_gram`, others one GEMM per row block (inner size ``p + q``), written straight into
+    ``dx``'s rows."""
     out = []
     for x, m, y, nm, v in zip(xs, ms, ys, ns, vs):
         acc = acc_dtype(x.dtype)
         w = torch.cat([m.to(acc), nm.to(acc)])  # (p + q, p)
         v = v.to(acc)
         dx = _empty(x.shape, x.dtype, x.device)
+        if cpu_gram.cross_available(x, y, backward=True):  # the shift fused into the packing
+            out.append(cpu_gram.cross_backward_(dx, x, y, w.contiguous(), v.contiguous()))
+            continue
         blocks, buf = _pair_blocks(x, y, acc, _BLOCK_ELEMS)
         for s, e in blocks:
             z = shifted_pair(buf, x, y, s, e)

@@ -64,9 +64,10 @@ GK_AVX2 void pack(const float* x, int64_t ldx, int64_t n, int64_t k0, int64_t kc
         for (int i = 0; i < 8; ++i) {
           const int64_t row = 16 * g + 8 * h + i;
           if (row < n) {
-            const __m256 v = _mm256_maskload_ps(x + row * ldx + k0 + kk, m);
-            lo = _mm256_blendv_ps(lo, _mm256_min_ps(lo, v), live);
-            hi = _mm256_blendv_ps(hi, _mm256_max_ps(hi, v), live);
+            const float* src = x + row * ldx + k0 + kk;
+            const __m256 v = w == 8 ? _mm256_loadu_ps(src) : _mm256_maskload_ps(src, m);
+            lo = w == 8 ? _mm256_min_ps(lo, v) : _mm256_blendv_ps(lo, _mm256_min_ps(lo, v), live);
+            hi = w == 8 ? _mm256_max_ps(hi, v) : _mm256_blendv_ps(hi, _mm256_max_ps(hi, v), live);
             r[i] = _mm256_sub_ps(v, x0);
           } else {
             r[i] = _mm256_setzero_ps();
@@ -121,8 +122,22 @@ GK_AVX2 inline void strip(const float* a, const float* b, int64_t kc, float* K, 
                           bool first) {
   alignas(32) float t[J][16];
   micro<J>(a, b, 16, kc, t);
+  const int jn = static_cast<int>(std::min<int64_t>(J, n - j0));
+  if (n - i0 >= 16) {  // whole rows: plain loads and stores (masked ones are slow on AMD cores)
+    for (int j = 0; j < jn; ++j) {
+      float* out = K + (j0 + j) * n + i0;
+      __m256 v0 = _mm256_load_ps(t[j]), v1 = _mm256_load_ps(t[j] + 8);
+      if (!first) {
+        v0 = _mm256_add_ps(v0, _mm256_loadu_ps(out));
+        v1 = _mm256_add_ps(v1, _mm256_loadu_ps(out + 8));
+      }
+      _mm256_storeu_ps(out, v0);
+      _mm256_storeu_ps(out + 8, v1);
+    }
+    return;
+  }
   const __m256i m0 = head_mask(n - i0), m1 = head_mask(n - i0 - 8);
-  for (int j = 0; j < J && j0 + j < n; ++j) {
+  for (int j = 0; j < jn; ++j) {
     float* out = K + (j0 + j) * n + i0;
     __m256 v0 = _mm256_load_ps(t[j]), v1 = _mm256_load_ps(t[j] + 8);
     if (!first) {
@@ -151,8 +166,14 @@ GK_AVX2 void pack_cols(const float* x, int64_t ldx, int64_t n, int64_t k0, int64
   const int64_t wp = (cols + W - 1) / W * W;
   for (int64_t j = 0; j < n; ++j)
     for (int64_t c = 0; c < wp; c += 8) {
-      const __m256i m = head_mask(cols - c);
-      const __m256 v = _mm256_sub_ps(_mm256_maskload_ps(x + j * ldx + k0 + c, m), _mm256_maskload_ps(x + k0 + c, m));
+      const float *src = x + j * ldx + k0 + c, *src0 = x + k0 + c;
+      __m256 v;
+      if (cols - c >= 8) {
+        v = _mm256_sub_ps(_mm256_loadu_ps(src), _mm256_loadu_ps(src0));
+      } else {
+        const __m256i m = head_mask(cols - c);
+        v = _mm256_sub_ps(_mm256_maskload_ps(src, m), _mm256_maskload_ps(src0, m));
+      }
       _mm256_storeu_ps(B + (c / W) * n * W + j * W + c % W, v);
     }
 }
@@ -182,8 +203,10 @@ GK_AVX2 void pack_rows(const float* x, int64_t ldx, int64_t cols, int64_t k0, in
       const __m256 x0 = _mm256_maskload_ps(x + 16 * g + h, m);
       __m256 s = _mm256_setzero_ps();
       float* pg = P + g * gstride + h;
+      const bool whole = cols - 16 * g - h >= 8;
       for (int64_t k = 0; k < kc; ++k) {
-        const __m256 v = _mm256_sub_ps(_mm256_maskload_ps(x + (k0 + k) * ldx + 16 * g + h, m), x0);
+        const float* src = x + (k0 + k) * ldx + 16 * g + h;
+        const __m256 v = _mm256_sub_ps(whole ? _mm256_loadu_ps(src) : _mm256_maskload_ps(src, m), x0);
         _mm256_storeu_ps(pg + 16 * k, v);
         s = _mm256_add_ps(s, v);
       }

@@ -218,3 +218,25 @@ def test_reference_cross_backward_uses_it_for_fp32_pairs(monkeypatch):
         wv = torch.cat([m.to(acc).double(), nm.to(acc).double(), v.to(acc).double()[None]])
         assert_entrywise(dx, z @ wv, abs_product(z, wv), k=35, input_dtype=dtype, acc_dtype=acc)
     assert calls == [F32]
+
+
+def test_float64_default_dtype_keeps_the_kernels_working():
+    """The kernels' buffers are fp32 whatever ``torch.get_default_dtype()`` is (a fresh process:
+    the first-use self-test runs under the fp64 default too)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch; torch.set_default_dtype(torch.float64)\n"
+        "from guidance_kernels.backends import cpu_gram, reference\n"
+        "x, y = torch.randn(50, 20, dtype=torch.float32) + 3, torch.randn(50, 9, dtype=torch.float32)\n"
+        "a = reference.cross([x], [y])[0][0]; k = reference.gram([x])[0]\n"
+        "d = reference.gram_backward([torch.ones(50, 50, dtype=torch.float32)], [x])[0]\n"
+        "xs = x.double() - x[:1].double()\n"
+        "ok = [torch.allclose(a.double(), xs.T @ xs, rtol=1e-4, atol=1e-3), torch.allclose(k.double(), xs @ xs.T, rtol=1e-4, atol=1e-3),\n"
+        "      torch.allclose(d.double(), torch.ones(50, 50, dtype=torch.float64) @ xs, rtol=1e-4, atol=1e-3)]\n"
+        "print(cpu_gram.isa(), all(ok))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    want = f"{cpu_gram.isa()} True"
+    assert out.stdout.strip() == want, out.stdout + out.stderr

@@ -142,6 +142,25 @@ def test_check_command_names_the_kernels_in_use():
     assert want in out.output
 
 
+@needs_kernel
+def test_a_table_that_disagrees_is_skipped(monkeypatch):
+    """The first-use self-test runs per instruction set: one that fails is passed over for the
+    next (AVX-512 -> AVX2), and none passing turns the kernels off (MKL computes the products)."""
+    isas = cpu_gram._module().isas()
+    real = cpu_gram._verify
+    try:
+        cpu_gram._verified.cache_clear()
+        monkeypatch.setattr(cpu_gram, "_verify", lambda m, name: name != isas[0] and real(m, name))
+        assert cpu_gram.isa() == (isas[1] if len(isas) > 1 else None)
+        cpu_gram._verified.cache_clear()
+        monkeypatch.setattr(cpu_gram, "_verify", lambda m, name: False)
+        assert cpu_gram.isa() is None and not cpu_gram.available(torch.ones(4, 4))
+    finally:
+        monkeypatch.undo()
+        cpu_gram._verified.cache_clear()
+    assert cpu_gram.isa() == isas[0]
+
+
 def test_env_switch_disables_the_kernel():
     code = "import torch; from guidance_kernels.backends import cpu_gram; print(cpu_gram.available(torch.ones(4, 4)))"
     env = {**__import__("os").environ, "GK_NO_CPU_KERNEL": "1"}

@@ -136,15 +136,17 @@ GK_AVX2 inline void strip(const float* a, const float* b, int64_t kc, float* K, 
     }
     return;
   }
+  // a tail: masked moves, and none at all for a half wholly past n (AMD documents masked-out
+  // lanes past the end of an array as implementation dependent)
   const __m256i m0 = head_mask(n - i0), m1 = head_mask(n - i0 - 8);
+  const bool second = n - i0 > 8;
   for (int j = 0; j < jn; ++j) {
     float* out = K + (j0 + j) * n + i0;
     __m256 v0 = _mm256_load_ps(t[j]), v1 = _mm256_load_ps(t[j] + 8);
-    if (!first) {
-      v0 = _mm256_add_ps(v0, _mm256_maskload_ps(out, m0));
-      v1 = _mm256_add_ps(v1, _mm256_maskload_ps(out + 8, m1));
-    }
+    if (!first) v0 = _mm256_add_ps(v0, _mm256_maskload_ps(out, m0));
     _mm256_maskstore_ps(out, m0, v0);
+    if (!second) continue;
+    if (!first) v1 = _mm256_add_ps(v1, _mm256_maskload_ps(out + 8, m1));
     _mm256_maskstore_ps(out + 8, m1, v1);
   }
 }
@@ -170,6 +172,8 @@ GK_AVX2 void pack_cols(const float* x, int64_t ldx, int64_t n, int64_t k0, int64
       __m256 v;
       if (cols - c >= 8) {
         v = _mm256_sub_ps(_mm256_loadu_ps(src), _mm256_loadu_ps(src0));
+      } else if (cols - c <= 0) {  // padding: no access past the block
+        v = _mm256_setzero_ps();
       } else {
         const __m256i m = head_mask(cols - c);
         v = _mm256_sub_ps(_mm256_maskload_ps(src, m), _mm256_maskload_ps(src0, m));
@@ -199,6 +203,10 @@ GK_AVX2 void pack_rows(const float* x, int64_t ldx, int64_t cols, int64_t k0, in
                        float* sums) {
   for (int64_t g = 0; g < (cols + 15) / 16; ++g)
     for (int64_t h = 0; h < 16; h += 8) {
+      if (cols - 16 * g - h <= 0) {  // a half wholly past cols: zeros, no access past the row
+        for (int64_t k = 0; k < kc; ++k) _mm256_storeu_ps(P + g * gstride + h + 16 * k, _mm256_setzero_ps());
+        continue;
+      }
       const __m256i m = head_mask(cols - 16 * g - h);
       const __m256 x0 = _mm256_maskload_ps(x + 16 * g + h, m);
       __m256 s = _mm256_setzero_ps();

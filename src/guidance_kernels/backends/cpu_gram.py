@@ -45,41 +45,52 @@ def extension():
     return _cpu
 
 
-@functools.lru_cache(maxsize=None)
-def _module():
-    """The verified extension module, or None."""
-    _cpu = extension()
-    if _cpu is None or not _cpu.supported():
-        return None
-    # every kernel on a small case with edge groups (n = 37), several blocks and two chunks
-    x = torch.arange(37 * 70, dtype=torch.float32).reshape(37, 70).sin().add_(3.0)
-    got, rng = torch.full((37, 37), float("nan")), torch.empty(2)
-    _cpu.gram_shifted_(x, got, 16, 2, rng)
+def _verify(_cpu, isa: str) -> bool:
+    """Whether every kernel of the ``isa`` table matches float64 on a small case with edge
+    groups (n = 37), several blocks and two chunks (fp32 tensors whatever the default dtype)."""
+    f32 = dict(dtype=torch.float32)
+    x = torch.arange(37 * 70, **f32).reshape(37, 70).sin().add_(3.0)
+    got, rng = torch.full((37, 37), float("nan"), **f32), torch.empty(2, **f32)
+    _cpu.gram_shifted_(x, got, 16, 2, rng, isa)
     xd = x.double() - x[:1].double()
-    want = xd @ xd.T
-    m = torch.arange(37 * 37, dtype=torch.float32).reshape(37, 37).cos()
-    dx = torch.full((37, 70), float("nan"))
-    _cpu.gram_backward_shifted_(m, x, dx, 32, 2)
-    dwant = m.double() @ xd
+    m = torch.arange(37 * 37, **f32).reshape(37, 37).cos()
+    dx = torch.full((37, 70), float("nan"), **f32)
+    _cpu.gram_backward_shifted_(m, x, dx, 32, 2, isa)
     a, b = x.T.contiguous(), m[:, :19].contiguous().repeat(2, 1)[:70]  # the feature form: n = 70, p = 37, q = 19
-    s, sums = torch.full((80, 80), float("nan")), torch.full((80,), float("nan"))
-    _cpu.cross_shifted_(a, b, s, sums, 8, 2)
+    s, sums = torch.full((80, 80), float("nan"), **f32), torch.full((80,), float("nan"), **f32)
+    _cpu.cross_shifted_(a, b, s, sums, 8, 2, isa)
     z = torch.zeros(70, 80, dtype=torch.float64)
     z[:, :37], z[:, 48:67] = a.double() - a[:1].double(), b.double() - b[:1].double()
-    w = torch.arange(56 * 37, dtype=torch.float32).reshape(56, 37).mul_(0.1).sin_()
-    bias, dxc = m[0].contiguous(), torch.full((70, 37), float("nan"))
-    _cpu.cross_backward_shifted_(a, b, w, bias, dxc, 2)
+    w = torch.arange(56 * 37, **f32).reshape(56, 37).mul_(0.1).sin_()
+    bias, dxc = m[0].contiguous(), torch.full((70, 37), float("nan"), **f32)
+    _cpu.cross_backward_shifted_(a, b, w, bias, dxc, 2, isa)
     zw = torch.cat([z[:, :37], z[:, 48:67]], 1) @ w.double() + bias.double()
-    pairs = ((got, want), (dx, dwant), (s, z.T @ z), (sums, z.sum(0)), (dxc, zw))
+    pairs = ((got, xd @ xd.T), (dx, m.double() @ xd), (s, z.T @ z), (sums, z.sum(0)), (dxc, zw))
     ok = all(bool(((u.double() - v).abs() <= 1e-5 * v.abs().max()).all()) for u, v in pairs)
-    if not ok or not torch.equal(rng, torch.stack(torch.aminmax(x))):
-        return None  # never use a kernel that disagrees with the reference
-    return _cpu
+    return ok and torch.equal(rng, torch.stack(torch.aminmax(x)))
+
+
+@functools.lru_cache(maxsize=None)
+def _verified():
+    """``(module, isa)``: the extension and the best instruction set whose kernels all match
+    float64 at first use (a table that disagrees is skipped, not used), or ``(None, None)``."""
+    _cpu = extension()
+    if _cpu is None:
+        return None, None
+    for name in _cpu.isas():  # best first
+        if _verify(_cpu, name):
+            return _cpu, name
+    return None, None
+
+
+def _module():
+    """The verified extension module, or None."""
+    return _verified()[0]
 
 
 def isa() -> str | None:
     """The instruction set of the kernels in use (``"avx512"`` or ``"avx2"``), None when unused."""
-    return None if _module() is None else _module().isas()[0]
+    return _verified()[1]
 
 
 def _padded(cols: int) -> int:
@@ -111,15 +122,15 @@ def cross_(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, int]:
     ``S[:p, off:off + q] = x'ᵀy'``."""
     off = _padded(x.shape[1])
     m = off + _padded(y.shape[1])
-    s, sums = torch.empty(m, m), torch.empty(m)
-    _module().cross_shifted_(x, y, s, sums, KC_CROSS, torch.get_num_threads())
+    s, sums = torch.empty(m, m, dtype=torch.float32), torch.empty(m, dtype=torch.float32)
+    _module().cross_shifted_(x, y, s, sums, KC_CROSS, torch.get_num_threads(), isa())
     return s, sums, off
 
 
 def cross_backward_(dx: Tensor, x: Tensor, y: Tensor, w: Tensor, v: Tensor) -> Tensor:
     """``dx`` (n, p, fp32, unit column stride) <- ``[x' y'] w + 1 vᵀ`` for ``w`` (p + q, p) and ``v``
     (p), contiguous fp32; ``cross_available(x, y, backward=True)`` must hold."""
-    _module().cross_backward_shifted_(x, y, w, v, dx, torch.get_num_threads())
+    _module().cross_backward_shifted_(x, y, w, v, dx, torch.get_num_threads(), isa())
     return dx
 
 
@@ -167,7 +178,7 @@ def recording_ranges():
 def gram_backward_(dx: Tensor, m: Tensor, x: Tensor) -> Tensor:
     """``dx`` (n, p, fp32, unit column stride) <- ``m x'`` for ``m`` (n, n, fp32, contiguous) and
     ``x`` (n, p, fp32); :func:`available` must hold for ``x``."""
-    _module().gram_backward_shifted_(m, x, dx, KC_BWD, torch.get_num_threads())
+    _module().gram_backward_shifted_(m, x, dx, KC_BWD, torch.get_num_threads(), isa())
     return dx
 
 
@@ -176,8 +187,8 @@ def gram_(out: Tensor, x: Tensor) -> Tensor:
     :func:`gram_available` must hold. Inside :func:`recording_ranges`, also records ``x``'s min and
     max."""
     seen = getattr(_local, "ranges", None)
-    rng = _NO_RANGE if seen is None else torch.empty(2)
-    _module().gram_shifted_(x, out, KC, torch.get_num_threads(), rng)
+    rng = _NO_RANGE if seen is None else torch.empty(2, dtype=torch.float32)
+    _module().gram_shifted_(x, out, KC, torch.get_num_threads(), rng, isa())
     if seen is not None:
         seen[key(x)] = rng
     return out

@@ -91,6 +91,8 @@ def main(argv=None):
     if trainer.is_world_process_zero():
         print("pairs:", trainer.guidance.pairs)
         print("last log:", {k: round(v, 4) for k, v in trainer.state.log_history[-2].items()})
+    if torch.distributed.is_initialized():  # under torchrun: shut gloo down before exit (its threads
+        torch.distributed.destroy_process_group()  # left to static destruction can abort a rank)
 
 
 if __name__ == "__main__":

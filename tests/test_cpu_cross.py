@@ -196,6 +196,8 @@ def test_backward_strided_and_bad_arguments(isa):
         k.cross_backward_shifted_(x, y, torch.empty(3, 7), torch.empty(3), dx, 1, isa)
     with pytest.raises(RuntimeError, match=r"cross_backward_shifted_: v must be .* shape \(3\)"):
         k.cross_backward_shifted_(x, y, torch.empty(7, 3), torch.empty(4), dx, 1, isa)
+    with pytest.raises(RuntimeError, match="cross_backward_shifted_: y must be a 2-D float32"):  # names its own op
+        k.cross_backward_shifted_(x, y.double(), torch.empty(7, 3), torch.empty(3), dx, 1, isa)
     with pytest.raises(RuntimeError, match=r"cross_backward_shifted_: dx must be .* \(6, 3\)"):
         k.cross_backward_shifted_(x, y, torch.empty(7, 3), torch.empty(3), torch.empty(3, 6).T, 1, isa)
 

@@ -11,6 +11,8 @@ namespace gk_cpu {
 // gram_shifted.cpp: the row-shifted Gram and its backward (AVX-512 or AVX2 + FMA; isa "" = the best)
 std::vector<std::string> isas();  // the instruction sets this CPU and build run, best first
 bool supported();                 // isas() is not empty
+// an error naming `fn` and `name` unless t is a 2-D float32 CPU tensor with unit column stride
+void check_activation(const char* fn, const at::Tensor& t, const char* name);
 void gram_shifted_(const at::Tensor& x, const at::Tensor& out, int64_t kc, int64_t chunks, const at::Tensor& range,
                    const std::string& isa);
 void gram_backward_shifted_(const at::Tensor& m, const at::Tensor& x, const at::Tensor& dx, int64_t kc, int64_t chunks,

@@ -38,7 +38,7 @@ namespace {
 using at::Tensor;
 using gk_cpu::GramIsa;
 
-#define GK_CHECK(cond, ...) TORCH_CHECK(cond, "guidance_kernels._cpu.cross_shifted_: ", __VA_ARGS__)
+#define GK_CHECK(fn, cond, ...) TORCH_CHECK(cond, "guidance_kernels._cpu.", fn, ": ", __VA_ARGS__)
 
 int64_t groups_of(int64_t cols) { return (cols + 15) / 16; }
 
@@ -78,12 +78,6 @@ void pack_panel(const float* x, int64_t ldx, int64_t p, const float* y, int64_t 
   }
 }
 
-void check_side(const Tensor& t, const char* name) {
-  GK_CHECK(t.dim() == 2 && t.scalar_type() == at::kFloat && t.device().is_cpu(), name,
-           " must be a 2-D float32 CPU tensor, got ", t.sizes(), " ", t.scalar_type());
-  GK_CHECK(t.stride(1) == 1 || t.size(1) <= 1, name, " must have unit column stride, got strides ", t.strides());
-}
-
 }  // namespace
 
 namespace gk_cpu {
@@ -94,18 +88,19 @@ namespace gk_cpu {
 // split over at most `chunks` threads (each a private S).
 void cross_shifted_(const Tensor& x, const Tensor& y, const Tensor& out, const Tensor& sums, int64_t kc, int64_t chunks,
                     const std::string& isa) {
-  check_side(x, "x");
-  check_side(y, "y");
+  constexpr const char* fn = "cross_shifted_";
+  check_activation(fn, x, "x");
+  check_activation(fn, y, "y");
   const int64_t n = x.size(0), p = x.size(1), q = y.size(1), m = 16 * (groups_of(p) + groups_of(q));
-  GK_CHECK(y.size(0) == n, "x has ", n, " rows but y has ", y.size(0));
-  GK_CHECK(kc >= 1 && chunks >= 1, "kc and chunks must be positive");
-  GK_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.dim() == 2 && out.size(0) == m &&
+  GK_CHECK(fn, y.size(0) == n, "x has ", n, " rows but y has ", y.size(0));
+  GK_CHECK(fn, kc >= 1 && chunks >= 1, "kc and chunks must be positive");
+  GK_CHECK(fn, out.scalar_type() == at::kFloat && out.is_contiguous() && out.dim() == 2 && out.size(0) == m &&
                out.size(1) == m && out.device().is_cpu(),
            "out must be a contiguous float32 CPU tensor of shape (", m, ", ", m, ")");
-  GK_CHECK(sums.scalar_type() == at::kFloat && sums.is_contiguous() && sums.dim() == 1 && sums.size(0) == m &&
+  GK_CHECK(fn, sums.scalar_type() == at::kFloat && sums.is_contiguous() && sums.dim() == 1 && sums.size(0) == m &&
                sums.device().is_cpu(),
            "sums must be a contiguous float32 CPU tensor of shape (", m, ")");
-  const GramIsa& t = pick_isa("cross_shifted_", isa);
+  const GramIsa& t = pick_isa(fn, isa);
   if (m == 0) return;
   const float* xp = x.data_ptr<float>();
   const float* yp = y.data_ptr<float>();
@@ -133,27 +128,25 @@ void cross_shifted_(const Tensor& x, const Tensor& y, const Tensor& out, const T
   mirror_upper(S, m);
 }
 
-#undef GK_CHECK
-#define GK_CHECK(cond, ...) TORCH_CHECK(cond, "guidance_kernels._cpu.cross_backward_shifted_: ", __VA_ARGS__)
-
 // dx (n, p) fp32, unit column stride <- [x' y'] w + 1 vᵀ for x (n, p), y (n, q) fp32 with unit
 // column stride, w (p + q, p) and v (p) contiguous fp32; rows split over at most `chunks` threads.
 void cross_backward_shifted_(const Tensor& x, const Tensor& y, const Tensor& w, const Tensor& v, const Tensor& dx,
                              int64_t chunks, const std::string& isa) {
-  check_side(x, "x");
-  check_side(y, "y");
+  constexpr const char* fn = "cross_backward_shifted_";
+  check_activation(fn, x, "x");
+  check_activation(fn, y, "y");
   const int64_t n = x.size(0), p = x.size(1), q = y.size(1), nj = p + q + 1;
-  GK_CHECK(y.size(0) == n, "x has ", n, " rows but y has ", y.size(0));
-  GK_CHECK(chunks >= 1, "chunks must be positive");
-  GK_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() && w.dim() == 2 && w.size(0) == p + q && w.size(1) == p &&
+  GK_CHECK(fn, y.size(0) == n, "x has ", n, " rows but y has ", y.size(0));
+  GK_CHECK(fn, chunks >= 1, "chunks must be positive");
+  GK_CHECK(fn, w.scalar_type() == at::kFloat && w.is_contiguous() && w.dim() == 2 && w.size(0) == p + q && w.size(1) == p &&
                w.device().is_cpu(),
            "w must be a contiguous float32 CPU tensor of shape (", p + q, ", ", p, ")");
-  GK_CHECK(v.scalar_type() == at::kFloat && v.is_contiguous() && v.dim() == 1 && v.size(0) == p && v.device().is_cpu(),
+  GK_CHECK(fn, v.scalar_type() == at::kFloat && v.is_contiguous() && v.dim() == 1 && v.size(0) == p && v.device().is_cpu(),
            "v must be a contiguous float32 CPU tensor of shape (", p, ")");
-  GK_CHECK(dx.scalar_type() == at::kFloat && dx.dim() == 2 && dx.size(0) == n && dx.size(1) == p &&
+  GK_CHECK(fn, dx.scalar_type() == at::kFloat && dx.dim() == 2 && dx.size(0) == n && dx.size(1) == p &&
                (dx.stride(1) == 1 || p <= 1) && dx.device().is_cpu(),
            "dx must be a float32 CPU tensor of shape (", n, ", ", p, ") with unit column stride");
-  const GramIsa& t = pick_isa("cross_backward_shifted_", isa);
+  const GramIsa& t = pick_isa(fn, isa);
   if (n == 0 || p == 0) return;
   const int64_t MR = t.mr, W = t.w, cpanels = (p + W - 1) / W;
   // B[cp][f][c] = w[f][cp W + c], and v as feature p + q (zero past p)

@@ -132,6 +132,12 @@ void add_into(float* dst, const float* src, int64_t count) {
   for (int64_t i = 0; i < count; ++i) dst[i] += src[i];
 }
 
+void check_activation(const char* fn, const Tensor& t, const char* name) {
+  GK_CHECK(fn, t.dim() == 2 && t.scalar_type() == at::kFloat && t.device().is_cpu(), name,
+           " must be a 2-D float32 CPU tensor, got ", t.sizes(), " ", t.scalar_type());
+  GK_CHECK(fn, t.stride(1) == 1 || t.size(1) <= 1, name, " must have unit column stride, got strides ", t.strides());
+}
+
 const GramIsa& pick_isa(const char* fn, const std::string& isa) {
   for (const GramIsa* t : {gk_cpu::avx512_isa(), gk_cpu::avx2_isa()})
     if (t != nullptr && (isa.empty() || isa == "best" || isa == t->name)) return *t;
@@ -149,8 +155,7 @@ namespace {
 
 // the checks both entry points share: x (n, p) and the blocking arguments; the table to use
 const GramIsa& check_common(const char* fn, const Tensor& x, int64_t kc, int64_t chunks, const std::string& isa) {
-  GK_CHECK(fn, x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu(), "x must be a 2-D float32 CPU tensor");
-  GK_CHECK(fn, x.stride(1) == 1 || x.size(1) <= 1, "x must have unit column stride, got strides ", x.strides());
+  gk_cpu::check_activation(fn, x, "x");
   GK_CHECK(fn, kc >= 1 && chunks >= 1, "kc and chunks must be positive");
   return gk_cpu::pick_isa(fn, isa);
 }

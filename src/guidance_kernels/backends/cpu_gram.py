@@ -93,6 +93,11 @@ def isa() -> str | None:
     return _verified()[1]
 
 
+def _kernel_input(t: Tensor) -> bool:
+    """A 2-D fp32 CPU tensor with unit column stride: what every kernel reads."""
+    return t.device.type == "cpu" and t.dtype == torch.float32 and t.dim() == 2 and (t.stride(1) == 1 or t.shape[1] <= 1)
+
+
 def _padded(cols: int) -> int:
     return 16 * -(-cols // 16)
 
@@ -104,11 +109,9 @@ def cross_available(x: Tensor, y: Tensor, backward: bool = False) -> bool:
     ``PRIVATE_BYTES`` (beyond that, MKL's ``?syrk`` shares one output)."""
     m = _padded(x.shape[-1]) + _padded(y.shape[-1])
     return (
-        x.device.type == y.device.type == "cpu"
-        and x.dtype == y.dtype == torch.float32
-        and x.dim() == y.dim() == 2
+        _kernel_input(x)
+        and _kernel_input(y)
         and x.shape[0] == y.shape[0]
-        and all(t.stride(1) == 1 or t.shape[1] <= 1 for t in (x, y))
         and (backward or 4 * m * m * (torch.get_num_threads() - 1) <= PRIVATE_BYTES)
         and _module() is not None
     )
@@ -136,14 +139,7 @@ def cross_backward_(dx: Tensor, x: Tensor, y: Tensor, w: Tensor, v: Tensor) -> T
 
 def available(x: Tensor) -> bool:
     """Whether :func:`gram_backward_` runs for ``x`` (n, p)."""
-    return (
-        x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and x.dim() == 2
-        and 0 < x.shape[0] <= MAX_N
-        and (x.stride(1) == 1 or x.shape[1] <= 1)
-        and _module() is not None
-    )
+    return _kernel_input(x) and 0 < x.shape[0] <= MAX_N and _module() is not None
 
 
 def gram_available(x: Tensor) -> bool:
